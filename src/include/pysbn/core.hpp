@@ -1,0 +1,145 @@
+// SPDX-License-Identifier: MIT
+/**
+ * @file core.hpp
+ * @brief The whole op set of the pysbn native core: per-channel batch-norm statistics and
+ *        elementwise kernels on raw pointers. Knows nothing of Python or torch.
+ *
+ * Conventions shared by every op
+ * ------------------------------
+ * - The input is viewed as (N, C, L): N samples, C channels, L = product of the spatial dims
+ *   (L = 1 for (N, C) input). `Geometry::layout` says where element (n, c, l) lives:
+ *     - Layout::ChannelMajor  (contiguous NC, NCL, NCHW, NCDHW):  offset (n*C + c)*L + l
+ *     - Layout::ChannelsLast  (torch channels_last / channels_last_3d): offset (n*L + l)*C + c
+ *   All tensors of one call (x, y, dy, dx) share that geometry and layout and are dense.
+ * - `DType` names the element type of x, y, dy, dx. Statistics use the accumulation type
+ *   `acc_dtype(dtype)`: double for Float64, float for Float32, Float16 and BFloat16.
+ *   Parameters (weight, bias, running_mean, running_var, grad_weight, grad_bias) have their own
+ *   `param_dtype`: equal to `dtype`, or Float32 when dtype is Float16/BFloat16 (mixed precision).
+ * - A *moments record* is 2C+1 acc values: [count, mean[0..C), m2[0..C)], where count is the
+ *   number of values per channel and m2 the sum of squared deviations from the mean. It is the
+ *   per-replica payload of the forward sync; `merge_moments` reduces k records to one.
+ * - A *grad-sums record* is 2C acc values: [sum_dy[0..C), sum_dy_xmu[0..C)], the payload of the
+ *   backward sync (summed elementwise across replicas).
+ * - Statistics are never raw sum and sum of squares in input precision: each block of values
+ *   is reduced with the corrected two-pass scheme (sum of deviations from a block mean, minus
+ *   its square over n), blocks and threads are merged with Chan's formula in double.
+ * - CPU ops run on host memory with OpenMP, `num_threads` threads (>= 1); results do not
+ *   depend on the thread count beyond rounding. CUDA ops run on device memory, asynchronously
+ *   on the `stream` passed (a cudaStream_t as void*, nullptr = legacy default stream), never
+ *   allocate device memory and never synchronise the host.
+ * - Bad arguments throw std::invalid_argument whose message names the argument; CUDA failures
+ *   and CUDA ops in a build without CUDA throw std::runtime_error.
+ */
+#pragma once
+
+#include <cstdint>
+
+namespace pysbn {
+
+/// Element types of x, y, dy, dx (and of parameters).
+enum class DType : int32_t { Float32 = 0, Float64 = 1, Float16 = 2, BFloat16 = 3 };
+
+/// Where element (n, c, l) lives; see the file comment.
+enum class Layout : int32_t { ChannelMajor = 0, ChannelsLast = 1 };
+
+/// How the inverse std is formed from the biased variance.
+enum class EpsMode : int32_t {
+  Plus = 0,   ///< invstd = 1 / sqrt(var + eps), as nn.BatchNorm
+  Clamp = 1,  ///< invstd = 1 / sqrt(max(var, eps)), as the seed (vacancy's SyncBN)
+};
+
+/// The canonical (N, C, L) view of a dense tensor.
+struct Geometry {
+  int64_t n = 0;
+  int64_t c = 0;
+  int64_t l = 1;
+  Layout layout = Layout::ChannelMajor;
+};
+
+/// Accumulation type of an element type: Float64 for Float64, Float32 otherwise.
+constexpr DType acc_dtype(DType d) { return d == DType::Float64 ? DType::Float64 : DType::Float32; }
+
+/// Size in bytes of one element of `d`.
+constexpr int64_t dtype_size(DType d)
+{
+  return d == DType::Float64 ? 8 : (d == DType::Float32 ? 4 : 2);
+}
+
+/// Version string of the core ("major.minor.patch").
+const char* version();
+/// True when the core was compiled with CUDA kernels.
+bool built_with_cuda();
+/// True when the CPU kernels were compiled with OpenMP.
+bool built_with_openmp();
+/// Semicolon-separated CUDA architectures compiled in ("" without CUDA).
+const char* cuda_architectures();
+
+namespace cpu {
+
+/// sum_ft: out[c] = sum over (n, l) of x (acc type, blockwise pairwise-stable sum); the seed's helper.
+void sum_ft(const void* x, DType dtype, Geometry g, void* out, int num_threads);
+
+/// moments: writes the moments record [count = N*L, mean[C], m2[C]] (acc type) of x to `stats`.
+/// Corrected two-pass per cache block, Chan merge in double. count = 0 gives mean = m2 = 0.
+void moments(const void* x, DType dtype, Geometry g, void* stats, int num_threads);
+
+/// merge_moments: Chan's parallel merge of k moments records (k*(2C+1) acc values, back to back)
+/// into one record `out` (may alias none of the inputs). Exact for unequal and zero counts;
+/// sets with count 0 contribute nothing. Accumulates in double.
+void merge_moments(int64_t k, int64_t c, DType acc, const void* records, void* out);
+
+/// finalize: from one moments record, writes mean[C] and invstd[C] (acc type) with `mode`,
+/// and, when running_mean / running_var are not null, updates them in place (param dtype):
+///   running_mean = (1 - factor) * running_mean + factor * mean
+///   running_var  = (1 - factor) * running_var  + factor * m2 / (count - 1)   (unbiased)
+/// `factor` is momentum, or 1 / num_batches_tracked for the cumulative average. When
+/// count == 0 the running stats are left untouched, mean = 0 and var = 0.
+void finalize(int64_t c, DType acc, const void* stats, double eps, EpsMode mode, void* mean,
+              void* invstd, void* running_mean, void* running_var, DType param_dtype,
+              double factor);
+
+/// normalize: y = (x - mean[c]) * invstd[c] * weight[c] + bias[c]; weight and bias may each be
+/// null (meaning 1 and 0). mean/invstd are acc type; weight/bias are param dtype.
+void normalize(const void* x, DType dtype, Geometry g, const void* mean, const void* invstd,
+               const void* weight, const void* bias, DType param_dtype, void* y, int num_threads);
+
+/// backward_reduce: writes the grad-sums record [sum_dy[C], sum_dy_xmu[C]] (acc type) to `sums`,
+/// sum_dy_xmu = sum of dy * (x - mean[c]); when not null, grad_weight[c] = sum_dy_xmu * invstd[c]
+/// and grad_bias[c] = sum_dy (param dtype). These are local sums; sync them before the elemt.
+void backward_reduce(const void* dy, const void* x, DType dtype, Geometry g, const void* mean,
+                     const void* invstd, void* sums, void* grad_weight, void* grad_bias,
+                     DType param_dtype, int num_threads);
+
+/// backward_elemt: dx = (dy - sum_dy/count - (x - mean) * invstd^2 * sum_dy_xmu/count) * invstd * w
+/// with the global grad-sums record `sums` and the global count `count` (one acc value, e.g. the
+/// count slot of the merged moments record); weight may be null (w = 1). count == 0 gives dx = 0
+/// (there are no elements).
+void backward_elemt(const void* dy, const void* x, DType dtype, Geometry g, const void* mean,
+                    const void* invstd, const void* weight, DType param_dtype, const void* sums,
+                    const void* count, void* dx, int num_threads);
+
+}  // namespace cpu
+
+namespace cuda {
+
+// Same contracts as the cpu:: ops, on device pointers, enqueued on `stream` (cudaStream_t).
+// In a build without CUDA each throws std::runtime_error.
+
+void sum_ft(const void* x, DType dtype, Geometry g, void* out, void* stream);
+void moments(const void* x, DType dtype, Geometry g, void* stats, void* stream);
+void merge_moments(int64_t k, int64_t c, DType acc, const void* records, void* out, void* stream);
+void finalize(int64_t c, DType acc, const void* stats, double eps, EpsMode mode, void* mean,
+              void* invstd, void* running_mean, void* running_var, DType param_dtype,
+              double factor, void* stream);
+void normalize(const void* x, DType dtype, Geometry g, const void* mean, const void* invstd,
+               const void* weight, const void* bias, DType param_dtype, void* y, void* stream);
+void backward_reduce(const void* dy, const void* x, DType dtype, Geometry g, const void* mean,
+                     const void* invstd, void* sums, void* grad_weight, void* grad_bias,
+                     DType param_dtype, void* stream);
+void backward_elemt(const void* dy, const void* x, DType dtype, Geometry g, const void* mean,
+                    const void* invstd, const void* weight, DType param_dtype, const void* sums,
+                    const void* count, void* dx, void* stream);
+
+}  // namespace cuda
+
+}  // namespace pysbn
