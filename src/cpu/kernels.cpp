@@ -1,0 +1,840 @@
+// SPDX-License-Identifier: MIT
+// CPU kernels of the pysbn core (OpenMP). Contracts: src/include/pysbn/core.hpp.
+//
+// How the work is laid out
+// - Channel-major (N, C, L): a task is (channel c, a range of n); it walks the planes
+//   x[n, c, :] of that channel. With few channels the n range is split so that every thread
+//   has work; the partial results are merged per channel in task order (deterministic).
+// - Channels-last (N*L rows of C values), and channel-major with L == 1: each thread takes a
+//   contiguous range of rows and vectorises across channels. With C < 32 a "super-row" of k
+//   consecutive rows (W = k*C lanes, lane j is channel j % C) keeps the vectors full.
+// - Statistics: each block of values that fits in L1 is reduced with the corrected two-pass
+//   scheme in the accumulation type (sum -> block mean m; then sum of d = x - m and of d*d;
+//   M2 = sum d^2 - (sum d)^2 / n), so there is no cancellation at large offsets. Blocks,
+//   tasks and threads are merged with Chan's formula in double.
+// - Second passes (normalize after moments, backward_elemt after backward_reduce) walk each
+//   thread's range in reverse: the data the first pass touched last is still in cache.
+#include "common.hpp"
+
+#include <pysbn/core.hpp>
+#include <pysbn/error.hpp>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <numeric>
+#include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace pysbn::cpu {
+namespace {
+
+// ---- constants ---------------------------------------------------------------------------------
+constexpr int64_t kBlock = 4096;          // values per statistics block (16 KiB of float: in L1)
+constexpr int64_t kMinPerThread = 16384;  // below this many values per thread, use fewer threads
+constexpr int64_t kWideLanes = 32;        // channels-last: widen rows to at least this many lanes
+
+// ---- element types -----------------------------------------------------------------------------
+using f16 = _Float16;
+struct bf16 {
+  uint16_t bits;
+};
+
+template <class T>
+struct AccOf {
+  using type = float;
+};
+template <>
+struct AccOf<double> {
+  using type = double;
+};
+template <class T>
+using acc_t = typename AccOf<T>::type;
+
+inline float ld(float v) { return v; }
+inline double ld(double v) { return v; }
+inline float ld(f16 v) { return static_cast<float>(v); }
+inline float ld(bf16 v)
+{
+  uint32_t u = static_cast<uint32_t>(v.bits) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+template <class T>
+inline T st(acc_t<T> v);
+template <>
+inline float st<float>(float v) { return v; }
+template <>
+inline double st<double>(double v) { return v; }
+template <>
+inline f16 st<f16>(float v) { return static_cast<f16>(v); }
+template <>
+inline bf16 st<bf16>(float v)
+{
+  uint32_t u;
+  std::memcpy(&u, &v, sizeof u);
+  if ((u & 0x7fffffffu) > 0x7f800000u) { return bf16{static_cast<uint16_t>((u >> 16) | 0x40u)}; }  // quiet NaN
+  u += 0x7fffu + ((u >> 16) & 1u);  // round to nearest even
+  return bf16{static_cast<uint16_t>(u >> 16)};
+}
+
+// Parameters (weight, bias, running stats, grads) as double for the per-channel set-up code.
+template <class P>
+inline double ldp(const void* p, int64_t i)
+{
+  return static_cast<double>(ld(static_cast<const P*>(p)[i]));
+}
+template <class P>
+inline void stp(void* p, int64_t i, double v)
+{
+  static_cast<P*>(p)[i] = st<P>(static_cast<acc_t<P>>(v));
+}
+
+template <class F>
+void dispatch_dtype(DType d, F&& f)
+{
+  switch (d) {
+    case DType::Float32: f(float{}); return;
+    case DType::Float64: f(double{}); return;
+    case DType::Float16: f(f16{}); return;
+    case DType::BFloat16: f(bf16{}); return;
+  }
+}
+
+// Reads/writes one per-channel parameter of dtype `pd` as double (cold paths only).
+inline double param_get(const void* p, DType pd, int64_t i, double fallback)
+{
+  if (p == nullptr) { return fallback; }
+  double v = 0;
+  dispatch_dtype(pd, [&](auto tag) { v = ldp<decltype(tag)>(p, i); });
+  return v;
+}
+inline void param_set(void* p, DType pd, int64_t i, double v)
+{
+  if (p == nullptr) { return; }
+  dispatch_dtype(pd, [&](auto tag) { stp<decltype(tag)>(p, i, v); });
+}
+
+// ---- threading ---------------------------------------------------------------------------------
+template <class F>
+void parallel(int nt, F&& f)
+{
+#ifdef _OPENMP
+  if (nt > 1) {
+#pragma omp parallel num_threads(nt)
+    f(omp_get_thread_num(), omp_get_num_threads());
+    return;
+  }
+#endif
+  f(0, 1);
+}
+
+inline int threads_for(int requested, int64_t work)
+{
+  int64_t by_work = std::max<int64_t>(1, work / kMinPerThread);
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(requested, by_work)));
+}
+
+inline void split(int64_t total, int part, int parts, int64_t& begin, int64_t& end)
+{
+  begin = total * part / parts;
+  end = total * (part + 1) / parts;
+}
+
+// ---- statistics helpers ------------------------------------------------------------------------
+/// Running (count, mean, M2) in double; Chan's merge.
+struct Moments {
+  double n = 0, mean = 0, m2 = 0;
+  void merge(double nb, double mb, double m2b)
+  {
+    if (nb <= 0) { return; }
+    double nab = n + nb;
+    double delta = mb - mean;
+    mean += delta * (nb / nab);
+    m2 += m2b + delta * delta * (n * nb / nab);
+    n = nab;
+  }
+  void merge(const Moments& o) { merge(o.n, o.mean, o.m2); }
+};
+
+/// Corrected two-pass moments of one contiguous block (fits in L1), in the accumulation type.
+template <class T>
+inline void block_moments(const T* x, int64_t len, double& mean, double& m2)
+{
+  using A = acc_t<T>;
+  A s = 0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t i = 0; i < len; ++i) { s += ld(x[i]); }
+  const A m = s / static_cast<A>(len);
+  A sd = 0, sdd = 0;
+#pragma omp simd reduction(+ : sd, sdd)
+  for (int64_t i = 0; i < len; ++i) {
+    A d = ld(x[i]) - m;
+    sd += d;
+    sdd += d * d;
+  }
+  mean = static_cast<double>(m) + static_cast<double>(sd) / static_cast<double>(len);
+  m2 = std::max(0.0, static_cast<double>(sdd) - static_cast<double>(sd) * static_cast<double>(sd) / len);
+}
+
+// ---- channel-major plan ------------------------------------------------------------------------
+/// Tasks (c, s): channel c, the s-th of S ranges of n. Task t = c * S + s.
+struct CmPlan {
+  int64_t splits = 1;
+  int64_t tasks = 0;
+  int nt = 1;
+};
+
+inline CmPlan cm_plan(const Geometry& g, int num_threads)
+{
+  CmPlan p;
+  p.nt = threads_for(num_threads, g.n * g.c * g.l);
+  // Enough tasks that each thread gets work and channels split across threads are rare.
+  int64_t want = 4 * static_cast<int64_t>(p.nt);
+  p.splits = g.c >= want ? 1 : std::min<int64_t>(std::max<int64_t>(g.n, 1), (want + g.c - 1) / g.c);
+  p.tasks = g.c * p.splits;
+  return p;
+}
+
+/// Calls f(c, n_begin, n_end) for this thread's tasks, ascending or descending.
+template <class F>
+inline void cm_for_tasks(const Geometry& g, const CmPlan& p, int tid, int nt, bool reverse, F&& f)
+{
+  int64_t tb, te;
+  split(p.tasks, tid, nt, tb, te);
+  for (int64_t i = 0; i < te - tb; ++i) {
+    int64_t t = reverse ? te - 1 - i : tb + i;
+    int64_t c = t / p.splits, s = t % p.splits;
+    int64_t nb, ne;
+    split(g.n, static_cast<int>(s), static_cast<int>(p.splits), nb, ne);
+    f(t, c, nb, ne);
+  }
+}
+
+
+// ---- channels-last row loops -------------------------------------------------------------------
+// Accumulators for a tile of kTile lanes stay in registers across the rows of a block; the
+// generic loop (accumulators in memory) handles the last partial tile.
+constexpr int64_t kTile = 32;
+
+/// acc[j] += f(r, j) for r < nrows, j < w, where f reads row r lane j.
+template <class A, class F>
+inline void rows_accumulate(int64_t nrows, int64_t w, A* acc, F&& f)
+{
+  int64_t j0 = 0;
+  for (; j0 + kTile <= w; j0 += kTile) {
+    A t[kTile];
+    for (int64_t jj = 0; jj < kTile; ++jj) { t[jj] = acc[j0 + jj]; }
+    for (int64_t r = 0; r < nrows; ++r) {
+#pragma omp simd
+      for (int64_t jj = 0; jj < kTile; ++jj) { t[jj] += f(r, j0 + jj); }
+    }
+    for (int64_t jj = 0; jj < kTile; ++jj) { acc[j0 + jj] = t[jj]; }
+  }
+  for (int64_t r = 0; r < nrows; ++r) {
+#pragma omp simd
+    for (int64_t j = j0; j < w; ++j) { acc[j] += f(r, j); }
+  }
+}
+
+/// Two sums at once: a1[j] += f1(r, j), a2[j] += f2(r, j).
+template <class A, class F>
+inline void rows_accumulate2(int64_t nrows, int64_t w, A* a1, A* a2, F&& f)
+{
+  int64_t j0 = 0;
+  for (; j0 + kTile <= w; j0 += kTile) {
+    A t1[kTile], t2[kTile];
+    for (int64_t jj = 0; jj < kTile; ++jj) {
+      t1[jj] = a1[j0 + jj];
+      t2[jj] = a2[j0 + jj];
+    }
+    for (int64_t r = 0; r < nrows; ++r) {
+#pragma omp simd
+      for (int64_t jj = 0; jj < kTile; ++jj) {
+        A u, v;
+        f(r, j0 + jj, u, v);
+        t1[jj] += u;
+        t2[jj] += v;
+      }
+    }
+    for (int64_t jj = 0; jj < kTile; ++jj) {
+      a1[j0 + jj] = t1[jj];
+      a2[j0 + jj] = t2[jj];
+    }
+  }
+  for (int64_t r = 0; r < nrows; ++r) {
+#pragma omp simd
+    for (int64_t j = j0; j < w; ++j) {
+      A u, v;
+      f(r, j, u, v);
+      a1[j] += u;
+      a2[j] += v;
+    }
+  }
+}
+
+// ---- channels-last plan ------------------------------------------------------------------------
+/// Rows of C values; k rows form a super-row of W = k*C lanes (lane j is channel j % C).
+struct ClPlan {
+  int64_t rows = 0;   // N*L (or N when channel-major with L == 1)
+  int64_t k = 1;      // rows per super-row
+  int64_t w = 0;      // lanes per super-row
+  int64_t block = 1;  // super-rows per statistics block
+  int nt = 1;
+};
+
+inline ClPlan cl_plan(const Geometry& g, int num_threads)
+{
+  ClPlan p;
+  p.rows = g.n * g.l;
+  p.k = g.c >= kWideLanes ? 1 : (kWideLanes + g.c - 1) / g.c;
+  p.w = p.k * g.c;
+  p.block = std::max<int64_t>(1, 2 * kBlock / std::max<int64_t>(p.w, 1));
+  p.nt = threads_for(num_threads, g.n * g.c * g.l);
+  // Each thread should get at least a few super-rows; otherwise fewer threads.
+  p.nt = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(p.nt, p.rows / std::max<int64_t>(p.k, 1))));
+  return p;
+}
+
+/// Splits this thread's rows into super-row blocks and a tail of fewer than k rows; calls
+/// f(first_row, n_rows, width) with width = W for super-row blocks and C for tail rows.
+template <class F>
+inline void cl_for_blocks(const ClPlan& p, int64_t c, int tid, int nt, bool reverse, F&& f)
+{
+  int64_t rb, re;
+  split(p.rows, tid, nt, rb, re);
+  int64_t nsuper = (re - rb) / p.k;
+  int64_t nblocks = (nsuper + p.block - 1) / p.block;
+  int64_t tail_first = rb + nsuper * p.k, tail_rows = re - tail_first;
+  auto block = [&](int64_t b) {
+    int64_t s0 = b * p.block, s1 = std::min(nsuper, s0 + p.block);
+    f(rb + s0 * p.k, s1 - s0, p.w);
+  };
+  if (reverse && tail_rows > 0) { f(tail_first, tail_rows, c); }
+  for (int64_t i = 0; i < nblocks; ++i) { block(reverse ? nblocks - 1 - i : i); }
+  if (!reverse && tail_rows > 0) { f(tail_first, tail_rows, c); }
+}
+
+inline bool use_rows(const Geometry& g) { return g.layout == Layout::ChannelsLast || g.l == 1; }
+
+/// Per-channel coefficient arrays replicated to W lanes (lane j <- channel j % C).
+template <class A>
+inline std::vector<A> replicate(const std::vector<A>& per_channel, int64_t w)
+{
+  std::vector<A> out(static_cast<size_t>(w));
+  const int64_t c = static_cast<int64_t>(per_channel.size());
+  for (int64_t j = 0; j < w; ++j) { out[j] = per_channel[j % c]; }
+  return out;
+}
+
+// ================================================================================================
+// moments
+// ================================================================================================
+template <class T>
+void moments_cm(const T* x, const Geometry& g, std::vector<Moments>& out, int num_threads)
+{
+  const CmPlan p = cm_plan(g, num_threads);
+  std::vector<Moments> part(static_cast<size_t>(p.tasks));
+  parallel(p.nt, [&](int tid, int nt) {
+    cm_for_tasks(g, p, tid, nt, false, [&](int64_t t, int64_t c, int64_t nb, int64_t ne) {
+      Moments acc;
+      for (int64_t n = nb; n < ne; ++n) {
+        const T* plane = x + (n * g.c + c) * g.l;
+        for (int64_t i = 0; i < g.l; i += kBlock) {
+          int64_t len = std::min(kBlock, g.l - i);
+          double m, m2;
+          block_moments(plane + i, len, m, m2);
+          acc.merge(static_cast<double>(len), m, m2);
+        }
+      }
+      part[t] = acc;
+    });
+  });
+  for (int64_t t = 0; t < p.tasks; ++t) { out[t / p.splits].merge(part[t]); }
+}
+
+template <class T>
+void moments_rows(const T* x, const Geometry& g, std::vector<Moments>& out, int num_threads)
+{
+  using A = acc_t<T>;
+  const ClPlan p = cl_plan(g, num_threads);
+  const int64_t C = g.c;
+  // Per thread: lane moments of the super-rows (W lanes) and of the tail rows (C lanes).
+  std::vector<double> lane_mean(p.nt * (p.w + C)), lane_m2(p.nt * (p.w + C));
+  std::vector<double> cnt_super(p.nt, 0.0), cnt_tail(p.nt, 0.0);
+  parallel(p.nt, [&](int tid, int nt) {
+    std::vector<A> s(p.w), sd(p.w), sdd(p.w);
+    double* mean_s = lane_mean.data() + tid * (p.w + C);
+    double* m2_s = lane_m2.data() + tid * (p.w + C);
+    double* mean_t = mean_s + p.w;
+    double* m2_t = m2_s + p.w;
+    std::fill(mean_s, mean_s + p.w + C, 0.0);
+    std::fill(m2_s, m2_s + p.w + C, 0.0);
+    cl_for_blocks(p, C, tid, nt, false, [&](int64_t r0, int64_t nrows, int64_t w) {
+      const T* xb = x + r0 * C;
+      std::fill(s.begin(), s.begin() + w, A(0));
+      std::fill(sd.begin(), sd.begin() + w, A(0));
+      std::fill(sdd.begin(), sdd.begin() + w, A(0));
+      A* ps = s.data();
+      A* psd = sd.data();
+      A* psdd = sdd.data();
+      rows_accumulate(nrows, w, ps, [&](int64_t r, int64_t j) { return static_cast<A>(ld(xb[r * w + j])); });
+      const A inv = A(1) / static_cast<A>(nrows);
+#pragma omp simd
+      for (int64_t j = 0; j < w; ++j) { ps[j] *= inv; }  // block mean per lane
+      rows_accumulate2(nrows, w, psd, psdd, [&](int64_t r, int64_t j, A& u, A& v) {
+        u = ld(xb[r * w + j]) - ps[j];
+        v = u * u;
+      });
+      const bool tail = p.k > 1 && w == C;  // with k == 1 there are no tail rows
+      double* lm = tail ? mean_t : mean_s;
+      double* l2 = tail ? m2_t : m2_s;
+      double& na = tail ? cnt_tail[tid] : cnt_super[tid];
+      const double nb = static_cast<double>(nrows), nab = na + nb;
+      for (int64_t j = 0; j < w; ++j) {
+        double mb = static_cast<double>(ps[j]) + static_cast<double>(psd[j]) / nb;
+        double m2b = std::max(0.0, static_cast<double>(psdd[j]) - static_cast<double>(psd[j]) * psd[j] / nb);
+        double delta = mb - lm[j];
+        lm[j] += delta * (nb / nab);
+        l2[j] += m2b + delta * delta * (na * nb / nab);
+      }
+      na = nab;
+    });
+  });
+  for (int t = 0; t < p.nt; ++t) {
+    const double* mean_s = lane_mean.data() + t * (p.w + C);
+    const double* m2_s = lane_m2.data() + t * (p.w + C);
+    for (int64_t j = 0; j < p.w; ++j) { out[j % C].merge(cnt_super[t], mean_s[j], m2_s[j]); }
+    for (int64_t c = 0; c < C; ++c) { out[c].merge(cnt_tail[t], mean_s[p.w + c], m2_s[p.w + c]); }
+  }
+}
+
+// ================================================================================================
+// normalize
+// ================================================================================================
+template <class T, class P>
+void normalize_impl(const T* x, const Geometry& g, const void* mean, const void* invstd,
+                    const void* weight, const void* bias, T* y, int num_threads)
+{
+  using A = acc_t<T>;
+  const int64_t C = g.c;
+  std::vector<A> m(C), a(C), b(C);
+  for (int64_t c = 0; c < C; ++c) {
+    const A* pm = static_cast<const A*>(mean);
+    const A* pi = static_cast<const A*>(invstd);
+    m[c] = pm[c];
+    a[c] = static_cast<A>(static_cast<double>(pi[c]) * (weight ? ldp<P>(weight, c) : 1.0));
+    b[c] = static_cast<A>(bias ? ldp<P>(bias, c) : 0.0);
+  }
+  if (!use_rows(g)) {
+    const CmPlan p = cm_plan(g, num_threads);
+    parallel(p.nt, [&](int tid, int nt) {
+      cm_for_tasks(g, p, tid, nt, true, [&](int64_t, int64_t c, int64_t nb, int64_t ne) {
+        const A mc = m[c], ac = a[c], bc = b[c];
+        for (int64_t i = 0; i < ne - nb; ++i) {
+          int64_t n = ne - 1 - i;
+          const T* xp = x + (n * C + c) * g.l;
+          T* yp = y + (n * C + c) * g.l;
+#pragma omp simd
+          for (int64_t l = 0; l < g.l; ++l) { yp[l] = st<T>((ld(xp[l]) - mc) * ac + bc); }
+        }
+      });
+    });
+    return;
+  }
+  const ClPlan p = cl_plan(g, num_threads);
+  const std::vector<A> mw = replicate(m, p.w), aw = replicate(a, p.w), bw = replicate(b, p.w);
+  parallel(p.nt, [&](int tid, int nt) {
+    const A* __restrict pm = mw.data();
+    const A* __restrict pa = aw.data();
+    const A* __restrict pb = bw.data();
+    cl_for_blocks(p, C, tid, nt, true, [&](int64_t r0, int64_t nrows, int64_t w) {
+      for (int64_t i = 0; i < nrows; ++i) {
+        const int64_t off = r0 * C + (nrows - 1 - i) * w;
+        const T* __restrict xr = x + off;
+        T* __restrict yr = y + off;
+#pragma omp simd
+        for (int64_t j = 0; j < w; ++j) { yr[j] = st<T>((ld(xr[j]) - pm[j]) * pa[j] + pb[j]); }
+      }
+    });
+  });
+}
+
+// ================================================================================================
+// backward_reduce (and sum_ft: the same walk with dy only)
+// ================================================================================================
+/// Per-channel sums of dy and of dy * (x - mean) in double; x may be null (sum of dy only).
+template <class T>
+void grad_sums(const T* dy, const T* x, const Geometry& g, const std::vector<acc_t<T>>& m,
+               std::vector<double>& sum_dy, std::vector<double>& sum_dy_xmu, int num_threads)
+{
+  using A = acc_t<T>;
+  const int64_t C = g.c;
+  if (!use_rows(g)) {
+    const CmPlan p = cm_plan(g, num_threads);
+    std::vector<double> part(2 * p.tasks, 0.0);
+    parallel(p.nt, [&](int tid, int nt) {
+      cm_for_tasks(g, p, tid, nt, false, [&](int64_t t, int64_t c, int64_t nb, int64_t ne) {
+        double s1 = 0, s2 = 0;
+        const A mc = x ? m[c] : A(0);
+        for (int64_t n = nb; n < ne; ++n) {
+          const int64_t off = (n * C + c) * g.l;
+          for (int64_t i = 0; i < g.l; i += kBlock) {
+            const int64_t len = std::min(kBlock, g.l - i);
+            const T* d = dy + off + i;
+            A a1 = 0, a2 = 0;
+            if (x) {
+              const T* xp = x + off + i;
+#pragma omp simd reduction(+ : a1, a2)
+              for (int64_t l = 0; l < len; ++l) {
+                A v = ld(d[l]);
+                a1 += v;
+                a2 += v * (ld(xp[l]) - mc);
+              }
+            } else {
+#pragma omp simd reduction(+ : a1)
+              for (int64_t l = 0; l < len; ++l) { a1 += ld(d[l]); }
+            }
+            s1 += a1;
+            s2 += a2;
+          }
+        }
+        part[2 * t] = s1;
+        part[2 * t + 1] = s2;
+      });
+    });
+    for (int64_t t = 0; t < p.tasks; ++t) {
+      sum_dy[t / p.splits] += part[2 * t];
+      sum_dy_xmu[t / p.splits] += part[2 * t + 1];
+    }
+    return;
+  }
+  const ClPlan p = cl_plan(g, num_threads);
+  const std::vector<A> mw = replicate(m, p.w);
+  std::vector<double> lanes(static_cast<size_t>(p.nt) * 2 * p.w, 0.0);
+  parallel(p.nt, [&](int tid, int nt) {
+    std::vector<A> b1(p.w), b2(p.w);
+    double* l1 = lanes.data() + static_cast<size_t>(tid) * 2 * p.w;
+    double* l2 = l1 + p.w;
+    const A* pm = mw.data();
+    cl_for_blocks(p, C, tid, nt, false, [&](int64_t r0, int64_t nrows, int64_t w) {
+      A* q1 = b1.data();
+      A* q2 = b2.data();
+      std::fill(q1, q1 + w, A(0));
+      std::fill(q2, q2 + w, A(0));
+      const T* d = dy + r0 * C;
+      if (x) {
+        const T* xb = x + r0 * C;
+        rows_accumulate2(nrows, w, q1, q2, [&](int64_t r, int64_t j, A& u, A& v) {
+          u = ld(d[r * w + j]);
+          v = u * (ld(xb[r * w + j]) - pm[j]);
+        });
+      } else {
+        rows_accumulate(nrows, w, q1, [&](int64_t r, int64_t j) { return static_cast<A>(ld(d[r * w + j])); });
+      }
+      for (int64_t j = 0; j < w; ++j) {
+        l1[j] += q1[j];
+        l2[j] += q2[j];
+      }
+    });
+  });
+  for (int t = 0; t < p.nt; ++t) {
+    const double* l1 = lanes.data() + static_cast<size_t>(t) * 2 * p.w;
+    for (int64_t j = 0; j < p.w; ++j) {
+      sum_dy[j % C] += l1[j];
+      sum_dy_xmu[j % C] += l1[p.w + j];
+    }
+  }
+}
+
+// ================================================================================================
+// backward_elemt
+// ================================================================================================
+template <class T, class P>
+void elemt_impl(const T* dy, const T* x, const Geometry& g, const void* mean, const void* invstd,
+                const void* weight, const void* sums, const void* count, T* dx, int num_threads)
+{
+  using A = acc_t<T>;
+  const int64_t C = g.c;
+  const A* pm = static_cast<const A*>(mean);
+  const A* pi = static_cast<const A*>(invstd);
+  const A* ps = static_cast<const A*>(sums);
+  const double cnt = static_cast<double>(*static_cast<const A*>(count));
+  // dx = dy * k1 - (x - mean) * k2 - k3
+  std::vector<A> m(C), k1(C), k2(C), k3(C);
+  for (int64_t c = 0; c < C; ++c) {
+    double is = pi[c], w = weight ? ldp<P>(weight, c) : 1.0;
+    double mdy = cnt > 0 ? ps[c] / cnt : 0.0, mdyxmu = cnt > 0 ? ps[C + c] / cnt : 0.0;
+    m[c] = pm[c];
+    k1[c] = static_cast<A>(is * w);
+    k2[c] = static_cast<A>(is * is * is * w * mdyxmu);
+    k3[c] = static_cast<A>(is * w * mdy);
+  }
+  if (!use_rows(g)) {
+    const CmPlan p = cm_plan(g, num_threads);
+    parallel(p.nt, [&](int tid, int nt) {
+      cm_for_tasks(g, p, tid, nt, true, [&](int64_t, int64_t c, int64_t nb, int64_t ne) {
+        const A mc = m[c], a1 = k1[c], a2 = k2[c], a3 = k3[c];
+        for (int64_t i = 0; i < ne - nb; ++i) {
+          const int64_t off = ((ne - 1 - i) * C + c) * g.l;
+          const T* d = dy + off;
+          const T* xp = x + off;
+          T* o = dx + off;
+#pragma omp simd
+          for (int64_t l = 0; l < g.l; ++l) { o[l] = st<T>(ld(d[l]) * a1 - (ld(xp[l]) - mc) * a2 - a3); }
+        }
+      });
+    });
+    return;
+  }
+  const ClPlan p = cl_plan(g, num_threads);
+  const std::vector<A> mw = replicate(m, p.w), w1 = replicate(k1, p.w), w2 = replicate(k2, p.w),
+                       w3 = replicate(k3, p.w);
+  parallel(p.nt, [&](int tid, int nt) {
+    const A* __restrict qm = mw.data();
+    const A* __restrict q1 = w1.data();
+    const A* __restrict q2 = w2.data();
+    const A* __restrict q3 = w3.data();
+    cl_for_blocks(p, C, tid, nt, true, [&](int64_t r0, int64_t nrows, int64_t w) {
+      for (int64_t i = 0; i < nrows; ++i) {
+        const int64_t off = r0 * C + (nrows - 1 - i) * w;
+        const T* __restrict d = dy + off;
+        const T* __restrict xr = x + off;
+        T* __restrict o = dx + off;
+#pragma omp simd
+        for (int64_t j = 0; j < w; ++j) { o[j] = st<T>(ld(d[j]) * q1[j] - (ld(xr[j]) - qm[j]) * q2[j] - q3[j]); }
+      }
+    });
+  });
+}
+
+// ---- parameter dtype dispatch ------------------------------------------------------------------
+template <class T, class F>
+void dispatch_param(DType param_dtype, F&& f)
+{
+  if constexpr (std::is_same_v<T, f16> || std::is_same_v<T, bf16>) {
+    if (param_dtype == DType::Float32) {
+      f(float{});
+      return;
+    }
+  }
+  f(T{});
+}
+
+void check_threads(const char* op, int num_threads)
+{
+  PYSBN_EXPECTS(num_threads >= 1, std::string(op) + ": num_threads must be >= 1, got " + std::to_string(num_threads));
+}
+
+template <class A>
+void write_acc(void* out, int64_t i, double v)
+{
+  static_cast<A*>(out)[i] = static_cast<A>(v);
+}
+
+}  // namespace
+
+// ================================================================================================
+// public entry points
+// ================================================================================================
+void sum_ft(const void* x, DType dtype, Geometry g, void* out, int num_threads)
+{
+  detail::check_input("sum_ft", dtype, g);
+  check_threads("sum_ft", num_threads);
+  detail::check_ptr("sum_ft", "x", x, detail::numel(g) > 0);
+  detail::check_ptr("sum_ft", "out", out, g.c > 0);
+  dispatch_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    std::vector<double> s(g.c, 0.0), unused(g.c, 0.0);
+    if (detail::numel(g) > 0) {
+      grad_sums<T>(static_cast<const T*>(x), nullptr, g, std::vector<acc_t<T>>(g.c, 0), s, unused, num_threads);
+    }
+    for (int64_t c = 0; c < g.c; ++c) { write_acc<acc_t<T>>(out, c, s[c]); }
+  });
+}
+
+void moments(const void* x, DType dtype, Geometry g, void* stats, int num_threads)
+{
+  detail::check_input("moments", dtype, g);
+  check_threads("moments", num_threads);
+  detail::check_ptr("moments", "x", x, detail::numel(g) > 0);
+  detail::check_ptr("moments", "stats", stats, true);
+  dispatch_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    using A = acc_t<T>;
+    std::vector<Moments> m(g.c);
+    if (detail::numel(g) > 0) {
+      if (use_rows(g)) {
+        moments_rows<T>(static_cast<const T*>(x), g, m, num_threads);
+      } else {
+        moments_cm<T>(static_cast<const T*>(x), g, m, num_threads);
+      }
+    }
+    write_acc<A>(stats, 0, static_cast<double>(g.n * g.l));
+    for (int64_t c = 0; c < g.c; ++c) {
+      write_acc<A>(stats, 1 + c, m[c].mean);
+      write_acc<A>(stats, 1 + g.c + c, m[c].m2);
+    }
+  });
+}
+
+void merge_moments(int64_t k, int64_t c, DType acc, const void* records, void* out)
+{
+  detail::check_acc("merge_moments", acc);
+  PYSBN_EXPECTS(k >= 1, "merge_moments: k (number of records) must be >= 1, got " + std::to_string(k));
+  PYSBN_EXPECTS(c >= 0, "merge_moments: c must be >= 0, got " + std::to_string(c));
+  detail::check_ptr("merge_moments", "records", records, true);
+  detail::check_ptr("merge_moments", "out", out, true);
+  auto run = [&](auto tag) {
+    using A = decltype(tag);
+    const A* r = static_cast<const A*>(records);
+    const int64_t stride = 2 * c + 1;
+    double total = 0;
+    for (int64_t i = 0; i < k; ++i) {
+      PYSBN_EXPECTS(r[i * stride] >= 0, "merge_moments: record " + std::to_string(i) + " has a negative count");
+      total += r[i * stride];
+    }
+    std::vector<Moments> m(c);
+    for (int64_t i = 0; i < k; ++i) {
+      const A* ri = r + i * stride;
+      for (int64_t j = 0; j < c; ++j) { m[j].merge(ri[0], ri[1 + j], ri[1 + c + j]); }
+    }
+    A* o = static_cast<A*>(out);
+    o[0] = static_cast<A>(total);
+    for (int64_t j = 0; j < c; ++j) {
+      o[1 + j] = static_cast<A>(m[j].mean);
+      o[1 + c + j] = static_cast<A>(m[j].m2);
+    }
+  };
+  if (acc == DType::Float64) {
+    run(double{});
+  } else {
+    run(float{});
+  }
+}
+
+void finalize(int64_t c, DType acc, const void* stats, double eps, EpsMode mode, void* mean, void* invstd,
+              void* running_mean, void* running_var, DType param_dtype, double factor)
+{
+  detail::check_acc("finalize", acc);
+  PYSBN_EXPECTS(c >= 0, "finalize: c must be >= 0, got " + std::to_string(c));
+  PYSBN_EXPECTS(mode == EpsMode::Plus || mode == EpsMode::Clamp, "finalize: mode must be Plus (0) or Clamp (1)");
+  PYSBN_EXPECTS(eps >= 0 && std::isfinite(eps), "finalize: eps must be finite and >= 0, got " + std::to_string(eps));
+  PYSBN_EXPECTS(std::isfinite(factor), "finalize: factor must be finite");
+  PYSBN_EXPECTS(detail::valid_dtype(param_dtype), "finalize: param_dtype is not supported");
+  PYSBN_EXPECTS((running_mean == nullptr) == (running_var == nullptr),
+                "finalize: running_mean and running_var must both be given or both be null");
+  detail::check_ptr("finalize", "stats", stats, true);
+  detail::check_ptr("finalize", "mean", mean, c > 0);
+  detail::check_ptr("finalize", "invstd", invstd, c > 0);
+  auto run = [&](auto tag) {
+    using A = decltype(tag);
+    const A* s = static_cast<const A*>(stats);
+    const double n = s[0];
+    for (int64_t j = 0; j < c; ++j) {
+      const double mu = n > 0 ? static_cast<double>(s[1 + j]) : 0.0;
+      const double m2 = n > 0 ? static_cast<double>(s[1 + c + j]) : 0.0;
+      const double var = n > 0 ? m2 / n : 0.0;
+      const double den = mode == EpsMode::Plus ? var + eps : std::max(var, eps);
+      static_cast<A*>(mean)[j] = static_cast<A>(mu);
+      static_cast<A*>(invstd)[j] = static_cast<A>(1.0 / std::sqrt(den));
+      if (running_mean != nullptr && n > 0) {
+        const double unbiased = m2 / (n - 1);
+        param_set(running_mean, param_dtype, j, (1 - factor) * param_get(running_mean, param_dtype, j, 0) + factor * mu);
+        param_set(running_var, param_dtype, j, (1 - factor) * param_get(running_var, param_dtype, j, 0) + factor * unbiased);
+      }
+    }
+  };
+  if (acc == DType::Float64) {
+    run(double{});
+  } else {
+    run(float{});
+  }
+}
+
+void normalize(const void* x, DType dtype, Geometry g, const void* mean, const void* invstd, const void* weight,
+               const void* bias, DType param_dtype, void* y, int num_threads)
+{
+  detail::check_input("normalize", dtype, g);
+  detail::check_param_dtype("normalize", dtype, param_dtype);
+  check_threads("normalize", num_threads);
+  const bool data = detail::numel(g) > 0;
+  detail::check_ptr("normalize", "x", x, data);
+  detail::check_ptr("normalize", "y", y, data);
+  detail::check_ptr("normalize", "mean", mean, data);
+  detail::check_ptr("normalize", "invstd", invstd, data);
+  if (!data) { return; }
+  dispatch_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    dispatch_param<T>(param_dtype, [&](auto ptag) {
+      using P = decltype(ptag);
+      normalize_impl<T, P>(static_cast<const T*>(x), g, mean, invstd, weight, bias, static_cast<T*>(y), num_threads);
+    });
+  });
+}
+
+void backward_reduce(const void* dy, const void* x, DType dtype, Geometry g, const void* mean, const void* invstd,
+                     void* sums, void* grad_weight, void* grad_bias, DType param_dtype, int num_threads)
+{
+  detail::check_input("backward_reduce", dtype, g);
+  detail::check_param_dtype("backward_reduce", dtype, param_dtype);
+  check_threads("backward_reduce", num_threads);
+  const bool data = detail::numel(g) > 0;
+  detail::check_ptr("backward_reduce", "dy", dy, data);
+  detail::check_ptr("backward_reduce", "x", x, data);
+  detail::check_ptr("backward_reduce", "mean", mean, data);
+  detail::check_ptr("backward_reduce", "invstd", invstd, g.c > 0 && grad_weight != nullptr);
+  detail::check_ptr("backward_reduce", "sums", sums, g.c > 0);
+  dispatch_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    using A = acc_t<T>;
+    std::vector<double> s1(g.c, 0.0), s2(g.c, 0.0);
+    if (data) {
+      const A* pm = static_cast<const A*>(mean);
+      std::vector<A> m(pm, pm + g.c);
+      grad_sums<T>(static_cast<const T*>(dy), static_cast<const T*>(x), g, m, s1, s2, num_threads);
+    }
+    for (int64_t c = 0; c < g.c; ++c) {
+      write_acc<A>(sums, c, s1[c]);
+      write_acc<A>(sums, g.c + c, s2[c]);
+      if (grad_weight != nullptr) {
+        param_set(grad_weight, param_dtype, c, s2[c] * static_cast<double>(static_cast<const A*>(invstd)[c]));
+      }
+      param_set(grad_bias, param_dtype, c, s1[c]);
+    }
+  });
+}
+
+void backward_elemt(const void* dy, const void* x, DType dtype, Geometry g, const void* mean, const void* invstd,
+                    const void* weight, DType param_dtype, const void* sums, const void* count, void* dx,
+                    int num_threads)
+{
+  detail::check_input("backward_elemt", dtype, g);
+  detail::check_param_dtype("backward_elemt", dtype, param_dtype);
+  check_threads("backward_elemt", num_threads);
+  const bool data = detail::numel(g) > 0;
+  detail::check_ptr("backward_elemt", "dy", dy, data);
+  detail::check_ptr("backward_elemt", "x", x, data);
+  detail::check_ptr("backward_elemt", "dx", dx, data);
+  detail::check_ptr("backward_elemt", "mean", mean, data);
+  detail::check_ptr("backward_elemt", "invstd", invstd, data);
+  detail::check_ptr("backward_elemt", "sums", sums, data);
+  detail::check_ptr("backward_elemt", "count", count, data);
+  if (!data) { return; }
+  dispatch_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    dispatch_param<T>(param_dtype, [&](auto ptag) {
+      using P = decltype(ptag);
+      elemt_impl<T, P>(static_cast<const T*>(dy), static_cast<const T*>(x), g, mean, invstd, weight, sums, count,
+                       static_cast<T*>(dx), num_threads);
+    });
+  });
+}
+
+}  // namespace pysbn::cpu
