@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# SPDX-License-Identifier: MIT
+# Installs what the tests need and runs every test: the native tests (GoogleTest under ctest) and
+# the Python tests (pytest). This is the README's test command; .ci/run calls it.
+# Fails if either suite fails or runs nothing.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+PY=${PYTHON:-python3}
+JOBS=${PYSBN_JOBS:-2}
+
+echo "== dependencies"
+# torch first, pinned: a bare `torch` would pull several GB of CUDA wheels.
+$PY -m pip install -q torch==2.13.0
+$PY -m pip install -q cython scikit-build-core ninja numpy pytest hypothesis
+if ! { [ -f /usr/include/gtest/gtest.h ] && ls /usr/lib/*/libgtest.a >/dev/null 2>&1; }; then
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  $SUDO apt-get update -qq && $SUDO apt-get install -y -qq libgtest-dev
+fi
+
+echo "== native tests (CUDA compiled when nvcc is found; GPU tests run only with a GPU)"
+# One CUDA arch keeps this build short; the wheel below compiles the full arch list.
+cmake -S . -B build/ci-native -G Ninja -DPYSBN_BUILD_TESTS=ON -DPYSBN_BUILD_PYTHON=OFF \
+  -DCMAKE_CUDA_ARCHITECTURES=90 >/dev/null
+cmake --build build/ci-native -j "$JOBS"
+if $PY -c "import torch,sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+  ctest --test-dir build/ci-native --no-tests=error --output-on-failure
+else
+  ctest --test-dir build/ci-native -LE gpu --no-tests=error --output-on-failure
+fi
+
+echo "== install the package (pip install .)"
+$PY -m pip install -q .
+
+echo "== python tests"
+# Run as `pytest` (importlib mode, set in pyproject): the source folder pysbn/ has no compiled
+# _core and must not shadow the installed package.
+$PY -m pytest --version >/dev/null
+pytest -q -p no:cacheprovider tests
