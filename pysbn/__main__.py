@@ -104,8 +104,10 @@ def demo(args) -> int:
     for k, v in errs.items():
         print(f"  {k:<16} max error vs float64 batch norm: {v:.2e}")
     print(f"  (raw sum / sum-of-squares variance in float32, as the seed: rel error {seed_err:.2e})")
-    ok = errs["variance (rel)"] < 1e-5 and errs["output"] < 1e-3 and max(
-        errs["grad input"], errs["grad weight"], errs["grad bias"]) < 1e-3
+    # float32 data at offset 1e4: the statistics are float64, so errors stay near float32's
+    # resolution of the data itself.
+    ok = errs["variance (rel)"] < 1e-5 and errs["output"] < 1e-4 and max(
+        errs["grad input"], errs["grad weight"], errs["grad bias"]) < 1e-4
     n = x.numel()
     print(f"{'PASS' if ok else 'FAIL'}: synchronised statistics and gradients match one batch norm over the "
           f"global batch; {n / elapsed / 1e6:.1f} M values/s through the core on {torch.get_num_threads()} thread(s)")

@@ -92,35 +92,35 @@ cpdef int64_t dtype_size(int dtype):
 
 cpdef void cpu_sum_ft(uintptr_t x, int dtype, object geometry, uintptr_t out,
                       int num_threads) except *:
-    """Per-channel sum of x: ``out[c]`` (C acc values) = sum over (n, l) of x."""
+    """Per-channel sum of x: ``out[c]`` (C float64 values) = sum over (n, l) of x."""
     cdef Geometry g = _geometry(geometry)
     with nogil:
-        _lib.cpu_sum_ft(<const void*>x, <DType>dtype, g, <void*>out, num_threads)
+        _lib.cpu_sum_ft(<const void*>x, <DType>dtype, g, <double*>out, num_threads)
 
 
 cpdef void cpu_moments(uintptr_t x, int dtype, object geometry, uintptr_t stats,
                        int num_threads) except *:
-    """Moments record of x into ``stats`` (2C+1 acc values): [count = N*L, mean[C], m2[C]]."""
+    """Moments record of x into ``stats`` (2C+1 float64 values): [count = N*L, mean[C], m2[C]]."""
     cdef Geometry g = _geometry(geometry)
     with nogil:
-        _lib.cpu_moments(<const void*>x, <DType>dtype, g, <void*>stats, num_threads)
+        _lib.cpu_moments(<const void*>x, <DType>dtype, g, <double*>stats, num_threads)
 
 
-cpdef void cpu_merge_moments(int64_t k, int64_t c, int acc, uintptr_t records,
+cpdef void cpu_merge_moments(int64_t k, int64_t c, uintptr_t records,
                              uintptr_t out) except *:
-    """Chan merge of ``k`` moments records (k*(2C+1) acc values back to back) into ``out``."""
+    """Chan merge of ``k`` moments records (k*(2C+1) float64 values back to back) into ``out``."""
     with nogil:
-        _lib.cpu_merge_moments(k, c, <DType>acc, <const void*>records, <void*>out)
+        _lib.cpu_merge_moments(k, c, <const double*>records, <double*>out)
 
 
-cpdef void cpu_finalize(int64_t c, int acc, uintptr_t stats, double eps, int eps_mode,
+cpdef void cpu_finalize(int64_t c, uintptr_t stats, double eps, int eps_mode,
                         uintptr_t mean, uintptr_t invstd, uintptr_t running_mean,
                         uintptr_t running_var, int param_dtype, double factor) except *:
-    """From a moments record, write mean[C] and invstd[C] (acc) and, when the running-stat
+    """From a moments record, write mean[C] and invstd[C] (float64) and, when the running-stat
     pointers are not 0, update them in place (param dtype) with ``factor`` and unbiased var."""
     with nogil:
-        _lib.cpu_finalize(c, <DType>acc, <const void*>stats, eps, <EpsMode>eps_mode,
-                          <void*>mean, <void*>invstd, <void*>running_mean, <void*>running_var,
+        _lib.cpu_finalize(c, <const double*>stats, eps, <EpsMode>eps_mode,
+                          <double*>mean, <double*>invstd, <void*>running_mean, <void*>running_var,
                           <DType>param_dtype, factor)
 
 
@@ -130,8 +130,8 @@ cpdef void cpu_normalize(uintptr_t x, int dtype, object geometry, uintptr_t mean
     """``y = (x - mean[c]) * invstd[c] * weight[c] + bias[c]``; weight/bias 0 mean 1 and 0."""
     cdef Geometry g = _geometry(geometry)
     with nogil:
-        _lib.cpu_normalize(<const void*>x, <DType>dtype, g, <const void*>mean,
-                           <const void*>invstd, <const void*>weight, <const void*>bias,
+        _lib.cpu_normalize(<const void*>x, <DType>dtype, g, <const double*>mean,
+                           <const double*>invstd, <const void*>weight, <const void*>bias,
                            <DType>param_dtype, <void*>y, num_threads)
 
 
@@ -144,7 +144,7 @@ cpdef void cpu_backward_reduce(uintptr_t dy, uintptr_t x, int dtype, object geom
     cdef Geometry g = _geometry(geometry)
     with nogil:
         _lib.cpu_backward_reduce(<const void*>dy, <const void*>x, <DType>dtype, g,
-                                 <const void*>mean, <const void*>invstd, <void*>sums,
+                                 <const double*>mean, <const double*>invstd, <double*>sums,
                                  <void*>grad_weight, <void*>grad_bias, <DType>param_dtype,
                                  num_threads)
 
@@ -153,12 +153,12 @@ cpdef void cpu_backward_elemt(uintptr_t dy, uintptr_t x, int dtype, object geome
                               uintptr_t mean, uintptr_t invstd, uintptr_t weight,
                               int param_dtype, uintptr_t sums, uintptr_t count, uintptr_t dx,
                               int num_threads) except *:
-    """``dx`` from the global grad-sums record ``sums`` and global ``count`` (one acc value)."""
+    """``dx`` from the global grad-sums record ``sums`` and global ``count`` (one float64 value)."""
     cdef Geometry g = _geometry(geometry)
     with nogil:
         _lib.cpu_backward_elemt(<const void*>dy, <const void*>x, <DType>dtype, g,
-                                <const void*>mean, <const void*>invstd, <const void*>weight,
-                                <DType>param_dtype, <const void*>sums, <const void*>count,
+                                <const double*>mean, <const double*>invstd, <const void*>weight,
+                                <DType>param_dtype, <const double*>sums, <const double*>count,
                                 <void*>dx, num_threads)
 
 
@@ -169,7 +169,7 @@ cpdef void cuda_sum_ft(uintptr_t x, int dtype, object geometry, uintptr_t out,
     """CUDA :func:`cpu_sum_ft`, enqueued on ``stream``."""
     cdef Geometry g = _geometry(geometry)
     with nogil:
-        _lib.cuda_sum_ft(<const void*>x, <DType>dtype, g, <void*>out, <void*>stream)
+        _lib.cuda_sum_ft(<const void*>x, <DType>dtype, g, <double*>out, <void*>stream)
 
 
 cpdef void cuda_moments(uintptr_t x, int dtype, object geometry, uintptr_t stats,
@@ -177,25 +177,25 @@ cpdef void cuda_moments(uintptr_t x, int dtype, object geometry, uintptr_t stats
     """CUDA :func:`cpu_moments`, enqueued on ``stream``."""
     cdef Geometry g = _geometry(geometry)
     with nogil:
-        _lib.cuda_moments(<const void*>x, <DType>dtype, g, <void*>stats, <void*>stream)
+        _lib.cuda_moments(<const void*>x, <DType>dtype, g, <double*>stats, <void*>stream)
 
 
-cpdef void cuda_merge_moments(int64_t k, int64_t c, int acc, uintptr_t records, uintptr_t out,
+cpdef void cuda_merge_moments(int64_t k, int64_t c, uintptr_t records, uintptr_t out,
                               uintptr_t stream) except *:
     """CUDA :func:`cpu_merge_moments`, enqueued on ``stream``."""
     with nogil:
-        _lib.cuda_merge_moments(k, c, <DType>acc, <const void*>records, <void*>out,
+        _lib.cuda_merge_moments(k, c, <const double*>records, <double*>out,
                                 <void*>stream)
 
 
-cpdef void cuda_finalize(int64_t c, int acc, uintptr_t stats, double eps, int eps_mode,
+cpdef void cuda_finalize(int64_t c, uintptr_t stats, double eps, int eps_mode,
                          uintptr_t mean, uintptr_t invstd, uintptr_t running_mean,
                          uintptr_t running_var, int param_dtype, double factor,
                          uintptr_t stream) except *:
     """CUDA :func:`cpu_finalize`, enqueued on ``stream``."""
     with nogil:
-        _lib.cuda_finalize(c, <DType>acc, <const void*>stats, eps, <EpsMode>eps_mode,
-                           <void*>mean, <void*>invstd, <void*>running_mean, <void*>running_var,
+        _lib.cuda_finalize(c, <const double*>stats, eps, <EpsMode>eps_mode,
+                           <double*>mean, <double*>invstd, <void*>running_mean, <void*>running_var,
                            <DType>param_dtype, factor, <void*>stream)
 
 
@@ -205,8 +205,8 @@ cpdef void cuda_normalize(uintptr_t x, int dtype, object geometry, uintptr_t mea
     """CUDA :func:`cpu_normalize`, enqueued on ``stream``."""
     cdef Geometry g = _geometry(geometry)
     with nogil:
-        _lib.cuda_normalize(<const void*>x, <DType>dtype, g, <const void*>mean,
-                            <const void*>invstd, <const void*>weight, <const void*>bias,
+        _lib.cuda_normalize(<const void*>x, <DType>dtype, g, <const double*>mean,
+                            <const double*>invstd, <const void*>weight, <const void*>bias,
                             <DType>param_dtype, <void*>y, <void*>stream)
 
 
@@ -218,7 +218,7 @@ cpdef void cuda_backward_reduce(uintptr_t dy, uintptr_t x, int dtype, object geo
     cdef Geometry g = _geometry(geometry)
     with nogil:
         _lib.cuda_backward_reduce(<const void*>dy, <const void*>x, <DType>dtype, g,
-                                  <const void*>mean, <const void*>invstd, <void*>sums,
+                                  <const double*>mean, <const double*>invstd, <double*>sums,
                                   <void*>grad_weight, <void*>grad_bias, <DType>param_dtype,
                                   <void*>stream)
 
@@ -231,6 +231,6 @@ cpdef void cuda_backward_elemt(uintptr_t dy, uintptr_t x, int dtype, object geom
     cdef Geometry g = _geometry(geometry)
     with nogil:
         _lib.cuda_backward_elemt(<const void*>dy, <const void*>x, <DType>dtype, g,
-                                 <const void*>mean, <const void*>invstd, <const void*>weight,
-                                 <DType>param_dtype, <const void*>sums, <const void*>count,
+                                 <const double*>mean, <const double*>invstd, <const void*>weight,
+                                 <DType>param_dtype, <const double*>sums, <const double*>count,
                                  <void*>dx, <void*>stream)

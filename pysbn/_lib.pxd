@@ -42,48 +42,48 @@ cdef extern from "pysbn/core.hpp" namespace "pysbn" nogil:
 
     # ---- cpu:: (host memory, OpenMP with num_threads threads) --------------------------------
     void cpu_sum_ft "pysbn::cpu::sum_ft"(
-        const void* x, DType dtype, Geometry g, void* out, int num_threads) except +
+        const void* x, DType dtype, Geometry g, double* out, int num_threads) except +
     void cpu_moments "pysbn::cpu::moments"(
-        const void* x, DType dtype, Geometry g, void* stats, int num_threads) except +
+        const void* x, DType dtype, Geometry g, double* stats, int num_threads) except +
     void cpu_merge_moments "pysbn::cpu::merge_moments"(
-        int64_t k, int64_t c, DType acc, const void* records, void* out) except +
+        int64_t k, int64_t c, const double* records, double* out) except +
     void cpu_finalize "pysbn::cpu::finalize"(
-        int64_t c, DType acc, const void* stats, double eps, EpsMode mode, void* mean,
-        void* invstd, void* running_mean, void* running_var, DType param_dtype,
+        int64_t c, const double* stats, double eps, EpsMode mode, double* mean,
+        double* invstd, void* running_mean, void* running_var, DType param_dtype,
         double factor) except +
     void cpu_normalize "pysbn::cpu::normalize"(
-        const void* x, DType dtype, Geometry g, const void* mean, const void* invstd,
+        const void* x, DType dtype, Geometry g, const double* mean, const double* invstd,
         const void* weight, const void* bias, DType param_dtype, void* y,
         int num_threads) except +
     void cpu_backward_reduce "pysbn::cpu::backward_reduce"(
-        const void* dy, const void* x, DType dtype, Geometry g, const void* mean,
-        const void* invstd, void* sums, void* grad_weight, void* grad_bias,
+        const void* dy, const void* x, DType dtype, Geometry g, const double* mean,
+        const double* invstd, double* sums, void* grad_weight, void* grad_bias,
         DType param_dtype, int num_threads) except +
     void cpu_backward_elemt "pysbn::cpu::backward_elemt"(
-        const void* dy, const void* x, DType dtype, Geometry g, const void* mean,
-        const void* invstd, const void* weight, DType param_dtype, const void* sums,
-        const void* count, void* dx, int num_threads) except +
+        const void* dy, const void* x, DType dtype, Geometry g, const double* mean,
+        const double* invstd, const void* weight, DType param_dtype, const double* sums,
+        const double* count, void* dx, int num_threads) except +
 
     # ---- cuda:: (device memory, enqueued on a cudaStream_t passed as void*) ------------------
     void cuda_sum_ft "pysbn::cuda::sum_ft"(
-        const void* x, DType dtype, Geometry g, void* out, void* stream) except +
+        const void* x, DType dtype, Geometry g, double* out, void* stream) except +
     void cuda_moments "pysbn::cuda::moments"(
-        const void* x, DType dtype, Geometry g, void* stats, void* stream) except +
+        const void* x, DType dtype, Geometry g, double* stats, void* stream) except +
     void cuda_merge_moments "pysbn::cuda::merge_moments"(
-        int64_t k, int64_t c, DType acc, const void* records, void* out, void* stream) except +
+        int64_t k, int64_t c, const double* records, double* out, void* stream) except +
     void cuda_finalize "pysbn::cuda::finalize"(
-        int64_t c, DType acc, const void* stats, double eps, EpsMode mode, void* mean,
-        void* invstd, void* running_mean, void* running_var, DType param_dtype,
+        int64_t c, const double* stats, double eps, EpsMode mode, double* mean,
+        double* invstd, void* running_mean, void* running_var, DType param_dtype,
         double factor, void* stream) except +
     void cuda_normalize "pysbn::cuda::normalize"(
-        const void* x, DType dtype, Geometry g, const void* mean, const void* invstd,
+        const void* x, DType dtype, Geometry g, const double* mean, const double* invstd,
         const void* weight, const void* bias, DType param_dtype, void* y,
         void* stream) except +
     void cuda_backward_reduce "pysbn::cuda::backward_reduce"(
-        const void* dy, const void* x, DType dtype, Geometry g, const void* mean,
-        const void* invstd, void* sums, void* grad_weight, void* grad_bias,
+        const void* dy, const void* x, DType dtype, Geometry g, const double* mean,
+        const double* invstd, double* sums, void* grad_weight, void* grad_bias,
         DType param_dtype, void* stream) except +
     void cuda_backward_elemt "pysbn::cuda::backward_elemt"(
-        const void* dy, const void* x, DType dtype, Geometry g, const void* mean,
-        const void* invstd, const void* weight, DType param_dtype, const void* sums,
-        const void* count, void* dx, void* stream) except +
+        const void* dy, const void* x, DType dtype, Geometry g, const double* mean,
+        const double* invstd, const void* weight, DType param_dtype, const double* sums,
+        const double* count, void* dx, void* stream) except +

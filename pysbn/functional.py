@@ -13,9 +13,11 @@ The input ``x`` has shape ``(N, C, *spatial)`` with 0 to 3 spatial dims and is v
 ``(N, C, L)``, ``L`` the product of the spatial sizes. Dense channel-major (contiguous) and
 channels-last inputs are used in place; other strides are copied first (see :func:`_view`).
 
-Dtypes: ``x`` (and ``dy``, ``y``, ``dx``) is float32, float64, float16 or bfloat16. Statistics
-(moments records, mean, invstd, grad sums, counts) have the *accumulation dtype*: float64 for
-float64 input, float32 otherwise. Parameters (weight, bias, running stats, grad_weight,
+Dtypes: ``x`` (and ``dy``, ``y``, ``dx``) is float32, float64, float16 or bfloat16; the kernels
+accumulate in float64 for float64 input and float32 otherwise (:func:`acc_dtype`). Per-channel
+statistics (moments records, mean, invstd, grad sums, counts) are float64 for every input dtype
+(:data:`STATS_DTYPE`): they are O(C), and float64 keeps the merge across replicas exact at
+large offsets. Parameters (weight, bias, running stats, grad_weight,
 grad_bias) have the *param dtype*: the input dtype, or float32 for float16/bfloat16 input.
 
 Record formats (the payloads exchanged when synchronising replicas):
@@ -35,6 +37,7 @@ import torch
 from . import _core
 
 __all__ = [
+    "STATS_DTYPE",
     "acc_dtype",
     "sum_ft",
     "moments",
@@ -44,6 +47,9 @@ __all__ = [
     "backward_reduce",
     "backward_elemt",
 ]
+
+STATS_DTYPE = torch.float64
+"""Dtype of every per-channel statistic: moments records, mean, invstd, grad sums, counts."""
 
 Geometry = Tuple[int, int, int, int]
 """``(n, c, l, layout)``: the (N, C, L) view of a dense tensor and its ``_core.LAYOUT_*``."""
@@ -71,7 +77,8 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     Returns
     -------
     torch.dtype
-        The dtype of statistics (moments records, mean, invstd, grad sums) for that input.
+        The dtype in which the kernels accumulate values of that input (per-channel results
+        are then float64, :data:`STATS_DTYPE`).
     """
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -239,11 +246,11 @@ def sum_ft(x: torch.Tensor) -> torch.Tensor:
     Returns
     -------
     torch.Tensor
-        Shape ``(C,)``, accumulation dtype: ``out[c] = x[:, c].sum()``.
+        Shape ``(C,)``, float64: ``out[c] = x[:, c].sum()``.
     """
     x = _check_input("sum_ft", "input x", x)
     xv, g = _view(x)
-    out = torch.empty(g[1], dtype=acc_dtype(x.dtype), device=x.device)
+    out = torch.empty(g[1], dtype=STATS_DTYPE, device=x.device)
     _run(x.device, _core.cpu_sum_ft, _core.cuda_sum_ft,
          xv.data_ptr(), _DTYPES[x.dtype], g, out.data_ptr())
     return out
@@ -263,13 +270,13 @@ def moments(x: torch.Tensor) -> torch.Tensor:
     Returns
     -------
     torch.Tensor
-        Shape ``(2C+1,)``, accumulation dtype: ``[count, mean[0..C), m2[0..C)]`` with
+        Shape ``(2C+1,)``, float64: ``[count, mean[0..C), m2[0..C)]`` with
         ``count = N * L``. The biased variance is ``m2 / count``. An empty batch (count 0)
         gives zeros.
     """
     x = _check_input("moments", "input x", x)
     xv, g = _view(x)
-    stats = torch.empty(2 * g[1] + 1, dtype=acc_dtype(x.dtype), device=x.device)
+    stats = torch.empty(2 * g[1] + 1, dtype=STATS_DTYPE, device=x.device)
     _run(x.device, _core.cpu_moments, _core.cuda_moments,
          xv.data_ptr(), _DTYPES[x.dtype], g, stats.data_ptr())
     return stats
@@ -283,13 +290,13 @@ def merge_moments(records: Union[torch.Tensor, Sequence[torch.Tensor]]) -> torch
     Parameters
     ----------
     records : torch.Tensor or sequence of torch.Tensor
-        Shape ``(k, 2C+1)``, one moments record (see :func:`moments`) per row, float32 or
-        float64; or a sequence of ``k`` records of shape ``(2C+1,)`` (stacked first).
+        Shape ``(k, 2C+1)``, one moments record (see :func:`moments`) per row, float64; or a
+        sequence of ``k`` records of shape ``(2C+1,)`` (stacked first).
 
     Returns
     -------
     torch.Tensor
-        Shape ``(2C+1,)``, the dtype of ``records``: the moments record of all the values.
+        Shape ``(2C+1,)``, float64: the moments record of all the values.
     """
     op = "merge_moments"
     if not isinstance(records, torch.Tensor):
@@ -307,9 +314,9 @@ def merge_moments(records: Union[torch.Tensor, Sequence[torch.Tensor]]) -> torch
             _same_device(op, f"records[{i}]", r, items[0], "records[0]")
         records = torch.stack(items)
     records = _check_tensor(op, "records", records)
-    if records.dtype not in (torch.float32, torch.float64):
-        raise TypeError(f"{op}: records has dtype {records.dtype}; expected float32 or float64 "
-                        "(an accumulation dtype)")
+    if records.dtype != STATS_DTYPE:
+        raise TypeError(f"{op}: records has dtype {records.dtype}; expected {STATS_DTYPE} "
+                        "(moments records are float64)")
     if records.dim() != 2 or records.shape[1] % 2 != 1:
         raise ValueError(f"{op}: records must have shape (k, 2C+1), got {tuple(records.shape)}")
     _check_device(op, "records", records)
@@ -317,7 +324,7 @@ def merge_moments(records: Union[torch.Tensor, Sequence[torch.Tensor]]) -> torch
     k, c = int(records.shape[0]), (int(records.shape[1]) - 1) // 2
     out = torch.empty(2 * c + 1, dtype=records.dtype, device=records.device)
     _run(records.device, _core.cpu_merge_moments, _core.cuda_merge_moments,
-         k, c, _DTYPES[records.dtype], records.data_ptr(), out.data_ptr(), threaded=False)
+         k, c, records.data_ptr(), out.data_ptr(), threaded=False)
     return out
 
 
@@ -330,15 +337,15 @@ def finalize(stats: torch.Tensor, eps: float, eps_mode: str = "plus",
     Parameters
     ----------
     stats : torch.Tensor
-        A moments record, shape ``(2C+1,)``, float32 or float64 (see :func:`moments`).
+        A moments record, shape ``(2C+1,)``, float64 (see :func:`moments`).
     eps : float
         Added to (``"plus"``) or clamping (``"clamp"``) the biased variance.
     eps_mode : {"plus", "clamp"}
         ``"plus"``: ``invstd = 1 / sqrt(var + eps)`` as ``nn.BatchNorm``; ``"clamp"``:
         ``invstd = 1 / sqrt(max(var, eps))`` as the seed's SyncBN.
     running_mean, running_var : torch.Tensor, optional
-        Both or neither; shape ``(C,)``, one param dtype (float64 for float64 stats; float32,
-        float16 or bfloat16 for float32 stats). Updated in place:
+        Both or neither; shape ``(C,)``, one dtype (float32, float64, float16 or bfloat16: the
+        module's buffers). Updated in place:
         ``running_mean = (1 - factor) * running_mean + factor * mean`` and
         ``running_var = (1 - factor) * running_var + factor * m2 / (count - 1)`` (unbiased).
         Left untouched when count is 0.
@@ -348,13 +355,13 @@ def finalize(stats: torch.Tensor, eps: float, eps_mode: str = "plus",
     Returns
     -------
     mean, invstd : torch.Tensor
-        Shape ``(C,)``, the dtype of ``stats``. Count 0 gives mean 0 and variance 0.
+        Shape ``(C,)``, float64. Count 0 gives mean 0 and variance 0.
     """
     op = "finalize"
     stats = _check_tensor(op, "stats", stats)
-    if stats.dtype not in (torch.float32, torch.float64):
-        raise TypeError(f"{op}: stats has dtype {stats.dtype}; expected float32 or float64 "
-                        "(an accumulation dtype)")
+    if stats.dtype != STATS_DTYPE:
+        raise TypeError(f"{op}: stats has dtype {stats.dtype}; expected {STATS_DTYPE} "
+                        "(moments records are float64)")
     if stats.dim() != 1 or stats.shape[0] % 2 != 1:
         raise ValueError(f"{op}: stats must be one moments record of shape (2C+1,), "
                          f"got {tuple(stats.shape)}")
@@ -372,24 +379,21 @@ def finalize(stats: torch.Tensor, eps: float, eps_mode: str = "plus",
         raise ValueError(f"{op}: running_mean and running_var must be given together "
                          f"(got running_mean={'None' if running_mean is None else 'a tensor'}, "
                          f"running_var={'None' if running_var is None else 'a tensor'})")
-    param_dtype = stats.dtype
+    param_dtype = STATS_DTYPE
     rm = rv = None
     if running_mean is not None:
         rm = _per_channel(op, "running_mean", running_mean, c, None, stats, "stats")
         rv = _per_channel(op, "running_var", running_var, c, None, stats, "stats")
-        allowed = ((torch.float64,) if stats.dtype == torch.float64
-                   else (torch.float32, torch.float16, torch.bfloat16))
-        if rm.dtype not in allowed:
-            raise TypeError(f"{op}: running_mean has dtype {rm.dtype} but stats has dtype "
-                            f"{stats.dtype}; expected one of {', '.join(map(str, allowed))}")
+        if rm.dtype not in _DTYPES:
+            raise TypeError(f"{op}: running_mean has dtype {rm.dtype}; expected {_SUPPORTED}")
         if rv.dtype != rm.dtype:
             raise TypeError(f"{op}: running_var has dtype {rv.dtype} but running_mean has dtype "
                             f"{rm.dtype}; they must match")
         param_dtype = rm.dtype
-    mean = torch.empty(c, dtype=stats.dtype, device=stats.device)
-    invstd = torch.empty(c, dtype=stats.dtype, device=stats.device)
+    mean = torch.empty(c, dtype=STATS_DTYPE, device=stats.device)
+    invstd = torch.empty(c, dtype=STATS_DTYPE, device=stats.device)
     _run(stats.device, _core.cpu_finalize, _core.cuda_finalize,
-         c, _DTYPES[stats.dtype], stats.data_ptr(), eps, _EPS_MODES[eps_mode],
+         c, stats.data_ptr(), eps, _EPS_MODES[eps_mode],
          mean.data_ptr(), invstd.data_ptr(), _ptr(rm), _ptr(rv), _DTYPES[param_dtype], factor,
          threaded=False)
     # The update ran on contiguous copies when the buffers were strided: write them back.
@@ -412,7 +416,7 @@ def normalize(x: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor,
     x : torch.Tensor
         Input, shape ``(N, C, *spatial)``.
     mean, invstd : torch.Tensor
-        Shape ``(C,)``, accumulation dtype (see :func:`finalize`).
+        Shape ``(C,)``, float64 (see :func:`finalize`).
     weight, bias : torch.Tensor, optional
         Shape ``(C,)``, param dtype (the two share it). None means 1 and 0.
 
@@ -425,7 +429,7 @@ def normalize(x: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor,
     op = "normalize"
     x = _check_input(op, "input x", x)
     xv, g = _view(x)
-    c, acc = g[1], acc_dtype(x.dtype)
+    c, acc = g[1], STATS_DTYPE
     mean = _per_channel(op, "mean", mean, c, acc, x, "input x")
     invstd = _per_channel(op, "invstd", invstd, c, acc, x, "input x")
     param_dtype, (weight, bias) = _params(op, x, c, (("weight", weight), ("bias", bias)))
@@ -463,7 +467,7 @@ def backward_reduce(dy: torch.Tensor, x: torch.Tensor, mean: torch.Tensor,
     x : torch.Tensor
         The forward input, shape ``(N, C, *spatial)``.
     mean, invstd : torch.Tensor
-        Shape ``(C,)``, accumulation dtype: the (global) statistics of the forward pass.
+        Shape ``(C,)``, float64: the (global) statistics of the forward pass.
     need_weight_grad, need_bias_grad : bool
         Whether to return ``grad_weight`` and ``grad_bias``.
     param_dtype : torch.dtype, optional
@@ -473,7 +477,7 @@ def backward_reduce(dy: torch.Tensor, x: torch.Tensor, mean: torch.Tensor,
     Returns
     -------
     sums : torch.Tensor
-        The grad-sums record, shape ``(2C,)``, accumulation dtype:
+        The grad-sums record, shape ``(2C,)``, float64:
         ``[sum_dy[0..C), sum_dy_xmu[0..C)]`` with ``sum_dy_xmu = sum(dy * (x - mean))``.
         These are local sums: synchronise (sum) them across replicas before
         :func:`backward_elemt`.
@@ -486,7 +490,7 @@ def backward_reduce(dy: torch.Tensor, x: torch.Tensor, mean: torch.Tensor,
     x = _check_input(op, "input x", x)
     xv, g = _view(x)
     dy = _grad_output(op, dy, x, g[3])
-    c, acc = g[1], acc_dtype(x.dtype)
+    c, acc = g[1], STATS_DTYPE
     mean = _per_channel(op, "mean", mean, c, acc, x, "input x")
     invstd = _per_channel(op, "invstd", invstd, c, acc, x, "input x")
     if param_dtype is None:
@@ -520,16 +524,16 @@ def backward_elemt(dy: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, invstd
     x : torch.Tensor
         The forward input, shape ``(N, C, *spatial)``.
     mean, invstd : torch.Tensor
-        Shape ``(C,)``, accumulation dtype: the global statistics of the forward pass.
+        Shape ``(C,)``, float64: the global statistics of the forward pass.
     weight : torch.Tensor or None
         Shape ``(C,)``, param dtype; None means 1.
     sums : torch.Tensor
-        The global grad-sums record, shape ``(2C,)``, accumulation dtype (see
+        The global grad-sums record, shape ``(2C,)``, float64 (see
         :func:`backward_reduce`).
     count : torch.Tensor
-        The global number of values per channel: one accumulation-dtype element, e.g. the
+        The global number of values per channel: one float64 element, e.g. the
         count slot ``stats[:1]`` of the global moments record (kept on the device: no host
-        synchronisation). Count 0 gives ``dx = 0``.
+        synchronisation). A global count of 0 means there are no elements anywhere.
 
     Returns
     -------
@@ -541,7 +545,7 @@ def backward_elemt(dy: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, invstd
     x = _check_input(op, "input x", x)
     xv, g = _view(x)
     dy = _grad_output(op, dy, x, g[3])
-    c, acc = g[1], acc_dtype(x.dtype)
+    c, acc = g[1], STATS_DTYPE
     mean = _per_channel(op, "mean", mean, c, acc, x, "input x")
     invstd = _per_channel(op, "invstd", invstd, c, acc, x, "input x")
     param_dtype, (weight,) = _params(op, x, c, (("weight", weight),))
@@ -551,8 +555,8 @@ def backward_elemt(dy: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, invstd
         raise ValueError(f"{op}: count must hold exactly one element, got shape "
                          f"{tuple(count.shape)}")
     if count.dtype != acc:
-        raise TypeError(f"{op}: count has dtype {count.dtype}; expected {acc} (the "
-                        "accumulation dtype of the input)")
+        raise TypeError(f"{op}: count has dtype {count.dtype}; expected {acc} (statistics "
+                        "are float64)")
     _same_device(op, "count", count, x, "input x")
     dx = _empty_in_layout(x, g[3])
     _run(x.device, _core.cpu_backward_elemt, _core.cuda_backward_elemt,

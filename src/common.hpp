@@ -46,12 +46,6 @@ inline void check_param_dtype(const char* op, DType dtype, DType param_dtype)
                       " (must be equal, or float32 for float16/bfloat16 input)");
 }
 
-inline void check_acc(const char* op, DType acc)
-{
-  PYSBN_EXPECTS(acc == DType::Float32 || acc == DType::Float64,
-                std::string(op) + ": acc dtype must be float32 or float64, got " + dtype_name(acc));
-}
-
 /// A pointer that must be non-null whenever `needed` (there is data behind it).
 inline void check_ptr(const char* op, const char* name, const void* p, bool needed)
 {

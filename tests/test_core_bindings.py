@@ -91,7 +91,7 @@ def test_stub_lists_every_binding():
 def test_cpu_moments_raw_pointers(code):
     x = (torch.randn(6, 5, 7, dtype=torch.float64) + 3).to(TORCH_DTYPES[code])
     acc = TORCH_DTYPES[_core.acc_dtype(code)]
-    stats = torch.empty(2 * 5 + 1, dtype=acc)
+    stats = torch.empty(2 * 5 + 1, dtype=torch.float64)  # statistics are float64 for every dtype
     _core.cpu_moments(x.data_ptr(), code, _geometry(x), stats.data_ptr(), 2)
     count, mean, m2 = _ref_moments(x)
     tol = 1e-12 if acc == torch.float64 else 2e-6
@@ -113,9 +113,9 @@ def test_cpu_moments_channels_last_geometry():
 @pytest.mark.parametrize("threads", [1, 2, 3, 8])
 def test_cpu_results_do_not_depend_on_thread_count(threads):
     x = torch.randn(8, 4, 33, 17) * 3 + 100
-    ref = torch.empty(9)
+    ref = torch.empty(9, dtype=torch.float64)
     _core.cpu_moments(x.data_ptr(), _core.DTYPE_FLOAT32, _geometry(x), ref.data_ptr(), 1)
-    got = torch.empty(9)
+    got = torch.empty(9, dtype=torch.float64)
     _core.cpu_moments(x.data_ptr(), _core.DTYPE_FLOAT32, _geometry(x), got.data_ptr(), threads)
     torch.testing.assert_close(got, ref, rtol=1e-6, atol=0)
 
@@ -150,62 +150,63 @@ def test_concurrent_calls_from_python_threads():
 
 def test_bad_dtype_code_raises_value_error():
     x = torch.randn(2, 3)
-    out = torch.empty(7)
+    out = torch.empty(7, dtype=torch.float64)
     with pytest.raises(ValueError, match="dtype"):
         _core.cpu_moments(x.data_ptr(), 7, _geometry(x), out.data_ptr(), 1)
 
 
 def test_bad_layout_raises_value_error():
     x = torch.randn(2, 3)
-    out = torch.empty(7)
+    out = torch.empty(7, dtype=torch.float64)
     with pytest.raises(ValueError, match="layout"):
         _core.cpu_moments(x.data_ptr(), _core.DTYPE_FLOAT32, (2, 3, 1, 5), out.data_ptr(), 1)
 
 
 def test_negative_geometry_raises_value_error():
-    out = torch.empty(7)
+    out = torch.empty(7, dtype=torch.float64)
     with pytest.raises(ValueError, match="geometry"):
         _core.cpu_moments(0, _core.DTYPE_FLOAT32, (-1, 3, 1, 0), out.data_ptr(), 1)
 
 
 def test_bad_thread_count_raises_value_error():
     x = torch.randn(2, 3)
-    out = torch.empty(7)
+    out = torch.empty(7, dtype=torch.float64)
     with pytest.raises(ValueError, match="num_threads"):
         _core.cpu_moments(x.data_ptr(), _core.DTYPE_FLOAT32, _geometry(x), out.data_ptr(), 0)
 
 
 def test_null_pointer_raises_value_error():
-    out = torch.empty(7)
+    out = torch.empty(7, dtype=torch.float64)
     with pytest.raises(ValueError, match="x"):
         _core.cpu_moments(0, _core.DTYPE_FLOAT32, (2, 3, 1, 0), out.data_ptr(), 1)
 
 
 def test_bad_param_dtype_raises_value_error():
     x = torch.randn(2, 3)
-    mean, invstd, y = torch.zeros(3), torch.ones(3), torch.empty(2, 3)
+    mean, invstd = torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
+    y = torch.empty(2, 3)
     with pytest.raises(ValueError, match="param_dtype"):
         _core.cpu_normalize(x.data_ptr(), _core.DTYPE_FLOAT32, _geometry(x), mean.data_ptr(),
                             invstd.data_ptr(), 0, 0, _core.DTYPE_FLOAT64, y.data_ptr(), 1)
 
 
 def test_bad_eps_mode_raises_value_error():
-    stats = torch.tensor([2.0, 0.0, 1.0])
-    mean, invstd = torch.empty(1), torch.empty(1)
+    stats = torch.tensor([2.0, 0.0, 1.0], dtype=torch.float64)
+    mean, invstd = torch.empty(1, dtype=torch.float64), torch.empty(1, dtype=torch.float64)
     with pytest.raises(ValueError, match="mode"):
-        _core.cpu_finalize(1, _core.DTYPE_FLOAT32, stats.data_ptr(), 1e-5, 9, mean.data_ptr(),
+        _core.cpu_finalize(1, stats.data_ptr(), 1e-5, 9, mean.data_ptr(),
                            invstd.data_ptr(), 0, 0, _core.DTYPE_FLOAT32, 0.1)
 
 
 def test_geometry_must_have_four_entries():
     x = torch.randn(2, 3)
-    out = torch.empty(7)
+    out = torch.empty(7, dtype=torch.float64)
     with pytest.raises(ValueError):
         _core.cpu_moments(x.data_ptr(), _core.DTYPE_FLOAT32, (2, 3, 1), out.data_ptr(), 1)
 
 
 def test_negative_pointer_is_rejected():
-    out = torch.empty(7)
+    out = torch.empty(7, dtype=torch.float64)
     with pytest.raises(OverflowError):
         _core.cpu_moments(-1, _core.DTYPE_FLOAT32, (2, 3, 1, 0), out.data_ptr(), 1)
 
@@ -216,8 +217,8 @@ def test_cuda_ops_without_cuda_raise_runtime_error():
     calls = {
         "sum_ft": lambda: _core.cuda_sum_ft(0, f32, g, 0, 0),
         "moments": lambda: _core.cuda_moments(0, f32, g, 0, 0),
-        "merge_moments": lambda: _core.cuda_merge_moments(1, 3, f32, 0, 0, 0),
-        "finalize": lambda: _core.cuda_finalize(3, f32, 0, 1e-5, _core.EPS_PLUS, 0, 0, 0, 0, f32,
+        "merge_moments": lambda: _core.cuda_merge_moments(1, 3, 0, 0, 0),
+        "finalize": lambda: _core.cuda_finalize(3, 0, 1e-5, _core.EPS_PLUS, 0, 0, 0, 0, f32,
                                                 0.1, 0),
         "normalize": lambda: _core.cuda_normalize(0, f32, g, 0, 0, 0, 0, f32, 0, 0),
         "backward_reduce": lambda: _core.cuda_backward_reduce(0, 0, f32, g, 0, 0, 0, 0, 0, f32, 0),

@@ -170,7 +170,7 @@ def test_view_copies_other_strides(make):
 def test_sum_ft(dtype, shape, fmt):
     x = _make(shape, dtype, fmt, offset=2.0)
     out = F.sum_ft(x)
-    assert out.dtype == F.acc_dtype(dtype) and out.shape == (shape[1],)
+    assert out.dtype == F.STATS_DTYPE and out.shape == (shape[1],)
     ref = x.double().sum(dim=_dims(x))
     tol = _stats_tol(dtype)
     torch.testing.assert_close(out.double(), ref, rtol=tol, atol=tol * x.numel() / shape[1])
@@ -183,7 +183,7 @@ def test_moments(dtype, shape, fmt):
     x = _make(shape, dtype, fmt, offset=-3.0, scale=2.0)
     stats = F.moments(x)
     c = shape[1]
-    assert stats.dtype == F.acc_dtype(dtype) and stats.shape == (2 * c + 1,)
+    assert stats.dtype == F.STATS_DTYPE and stats.shape == (2 * c + 1,)
     count, mean, m2 = _ref_moments(x)
     tol = _stats_tol(dtype)
     assert stats[0].item() == count
@@ -217,8 +217,8 @@ def test_moments_float64_far_from_zero(fmt):
 def test_moments_of_empty_batch(dtype):
     x = torch.empty(0, 3, 4, dtype=dtype)
     stats = F.moments(x)
-    torch.testing.assert_close(stats, torch.zeros(7, dtype=F.acc_dtype(dtype)), rtol=0, atol=0)
-    torch.testing.assert_close(F.sum_ft(x), torch.zeros(3, dtype=F.acc_dtype(dtype)))
+    torch.testing.assert_close(stats, torch.zeros(7, dtype=F.STATS_DTYPE), rtol=0, atol=0)
+    torch.testing.assert_close(F.sum_ft(x), torch.zeros(3, dtype=F.STATS_DTYPE))
 
 
 @pytest.mark.parametrize("num", [1, 2, 3])
@@ -265,7 +265,7 @@ def test_merge_moments_property(sizes, offset):
 
 def test_merge_moments_all_empty():
     records = torch.stack([F.moments(torch.empty(0, 2, 3)) for _ in range(3)])
-    torch.testing.assert_close(F.merge_moments(records), torch.zeros(5), rtol=0, atol=0)
+    torch.testing.assert_close(F.merge_moments(records), torch.zeros(5, dtype=torch.float64), rtol=0, atol=0)
 
 
 # ---- finalize -----------------------------------------------------------------------------------
@@ -278,7 +278,7 @@ def test_finalize_mean_invstd(dtype, eps_mode):
     eps = 1e-3
     stats = F.moments(x)
     mean, invstd = F.finalize(stats, eps, eps_mode)
-    acc = F.acc_dtype(dtype)
+    acc = F.STATS_DTYPE
     assert mean.dtype == invstd.dtype == acc and mean.shape == invstd.shape == (5,)
     count, ref_mean, m2 = _ref_moments(x)
     var = m2 / count
@@ -338,8 +338,8 @@ def test_finalize_empty_batch_leaves_running_stats():
     mean, invstd = F.finalize(F.moments(torch.empty(0, 3)), EPS, running_mean=rm,
                               running_var=rv, factor=0.1)
     torch.testing.assert_close((rm, rv), before, rtol=0, atol=0)
-    torch.testing.assert_close(mean, torch.zeros(3))
-    torch.testing.assert_close(invstd, torch.full((3,), 1 / math.sqrt(EPS)))
+    torch.testing.assert_close(mean, torch.zeros(3, dtype=torch.float64))
+    torch.testing.assert_close(invstd, torch.full((3,), 1 / math.sqrt(EPS), dtype=torch.float64))
 
 
 # ---- normalize ----------------------------------------------------------------------------------
@@ -352,7 +352,7 @@ def test_normalize_as_batch_norm_with_given_stats(dtype, shape, fmt, affine):
     # F.batch_norm in eval mode with running stats := (mean, var) is exactly normalize with
     # invstd = 1 / sqrt(var + eps).
     x = _make(shape, dtype, fmt, offset=0.5, scale=2.0)
-    c, acc = shape[1], F.acc_dtype(dtype)
+    c, acc = shape[1], F.STATS_DTYPE
     for param_dtype in _param_dtypes(dtype):
         mean = torch.randn(c, dtype=torch.float64)
         var = torch.rand(c, dtype=torch.float64) + 0.5
@@ -386,7 +386,7 @@ def test_normalize_matches_training_batch_norm(dtype, fmt):
 
 def test_normalize_empty_batch():
     x = torch.empty(0, 3, 4, 4)
-    y = F.normalize(x, torch.zeros(3), torch.ones(3))
+    y = F.normalize(x, torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64))
     assert y.shape == x.shape
 
 
@@ -413,7 +413,7 @@ def test_backward_vs_autograd(dtype, shape, fmt):
         xd, gd = x.double(), g.double()
         sum_dy = gd.sum(dim=_dims(x))
         sum_dy_xmu = (gd * (xd - mean.double().view(_bshape(x)))).sum(dim=_dims(x))
-        assert sums.dtype == F.acc_dtype(dtype) and sums.shape == (2 * c,)
+        assert sums.dtype == F.STATS_DTYPE and sums.shape == (2 * c,)
         n = x.numel() // c
         tol = _stats_tol(dtype) * 10
         torch.testing.assert_close(sums[:c].double(), sum_dy, rtol=tol, atol=tol * n)
@@ -440,7 +440,8 @@ def test_backward_vs_native_batch_norm_backward(dtype, fmt):
     sums, gw, gb = F.backward_reduce(g, x, mean, invstd, True, True)
     dx = F.backward_elemt(g, x, mean, invstd, w, sums, stats[:1])
     dx_ref, dw_ref, db_ref = torch.ops.aten.native_batch_norm_backward(
-        g, x, w, None, None, mean, invstd, True, EPS, [True, True, True])
+        g, x, w, None, None, mean.to(F.acc_dtype(dtype)), invstd.to(F.acc_dtype(dtype)), True, EPS,
+        [True, True, True])
     _assert_close(dx, dx_ref, dtype, scale=4.0)
     _assert_close(gw, dw_ref, dtype, scale=10.0)
     _assert_close(gb, db_ref, dtype, scale=10.0)
@@ -492,7 +493,7 @@ def test_backward_of_empty_batch():
     x = torch.empty(0, 3, 4)
     stats, mean, invstd = _forward(x)
     sums, gw, gb = F.backward_reduce(x, x, mean, invstd, True, True)
-    torch.testing.assert_close((sums, gw, gb), (torch.zeros(6), torch.zeros(3), torch.zeros(3)))
+    torch.testing.assert_close((sums, gw, gb), (torch.zeros(6, dtype=torch.float64), torch.zeros(3), torch.zeros(3)))
     dx = F.backward_elemt(x, x, mean, invstd, torch.ones(3), sums, stats[:1])
     assert dx.shape == x.shape
 
@@ -657,8 +658,8 @@ def test_sparse_input_rejected():
 @pytest.mark.parametrize("name", ["mean", "invstd", "weight", "bias"])
 def test_normalize_per_channel_shape_checked(name):
     x = torch.randn(4, 3, 5)
-    args = dict(mean=torch.zeros(3), invstd=torch.ones(3), weight=torch.ones(3),
-                bias=torch.zeros(3))
+    args = dict(mean=torch.zeros(3, dtype=torch.float64), invstd=torch.ones(3, dtype=torch.float64),
+                weight=torch.ones(3), bias=torch.zeros(3))
     args[name] = torch.zeros(4)
     with pytest.raises(ValueError, match=f"{name} must have shape \\(3,\\)"):
         F.normalize(x, **args)
@@ -668,15 +669,15 @@ def test_normalize_per_channel_shape_checked(name):
 
 
 @pytest.mark.parametrize("name", ["mean", "invstd"])
-def test_stats_dtype_must_be_acc_dtype(name):
+def test_stats_dtype_must_be_float64(name):
     x = torch.randn(4, 3, 5)
-    args = dict(mean=torch.zeros(3), invstd=torch.ones(3))
-    args[name] = args[name].double()
+    args = dict(mean=torch.zeros(3, dtype=torch.float64), invstd=torch.ones(3, dtype=torch.float64))
+    args[name] = args[name].float()  # float32 input still has float64 statistics
     with pytest.raises(TypeError, match=name):
         F.normalize(x, **args)
     xh = x.half()
-    args = dict(mean=torch.zeros(3), invstd=torch.ones(3))
-    args[name] = args[name].half()  # half input still has float32 statistics
+    args = dict(mean=torch.zeros(3, dtype=torch.float64), invstd=torch.ones(3, dtype=torch.float64))
+    args[name] = args[name].half()
     with pytest.raises(TypeError, match=name):
         F.normalize(xh, **args)
 
@@ -689,7 +690,7 @@ def test_stats_dtype_must_be_acc_dtype(name):
                                                 (torch.float32, torch.int64)])
 def test_param_dtype_rule(dtype, param_dtype):
     x = torch.randn(4, 3, 5).to(dtype)
-    acc = F.acc_dtype(dtype)
+    acc = F.STATS_DTYPE
     mean, invstd = torch.zeros(3, dtype=acc), torch.ones(3, dtype=acc)
     p = torch.ones(3).to(param_dtype)
     with pytest.raises(TypeError, match="weight"):
@@ -706,7 +707,7 @@ def test_param_dtype_rule(dtype, param_dtype):
 
 def test_weight_and_bias_must_share_dtype():
     x = torch.randn(4, 3, 5).half()
-    mean, invstd = torch.zeros(3), torch.ones(3)
+    mean, invstd = torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
     with pytest.raises(TypeError, match="bias"):
         F.normalize(x, mean, invstd, torch.ones(3), torch.zeros(3).half())
 
@@ -732,11 +733,11 @@ def test_backward_elemt_sums_and_count_checked():
     with pytest.raises(ValueError, match="sums"):
         F.backward_elemt(x, x, mean, invstd, None, sums[:3], stats[:1])
     with pytest.raises(TypeError, match="sums"):
-        F.backward_elemt(x, x, mean, invstd, None, sums.double(), stats[:1])
+        F.backward_elemt(x, x, mean, invstd, None, sums.float(), stats[:1])
     with pytest.raises(ValueError, match="count"):
         F.backward_elemt(x, x, mean, invstd, None, sums, stats[:2])
     with pytest.raises(TypeError, match="count"):
-        F.backward_elemt(x, x, mean, invstd, None, sums, stats[:1].double())
+        F.backward_elemt(x, x, mean, invstd, None, sums, stats[:1].float())
     with pytest.raises(TypeError, match="count"):
         F.backward_elemt(x, x, mean, invstd, None, sums, 60.0)
 
@@ -763,13 +764,13 @@ def test_finalize_checks():
         F.finalize(stats, EPS, running_mean=torch.zeros(3))
     with pytest.raises(ValueError, match="running_mean"):
         F.finalize(stats, EPS, running_mean=torch.zeros(4), running_var=torch.ones(4))
-    with pytest.raises(TypeError, match="running_mean"):
-        F.finalize(stats, EPS, running_mean=torch.zeros(3).double(),
-                   running_var=torch.ones(3).double())
     with pytest.raises(TypeError, match="running_var"):
         F.finalize(stats, EPS, running_mean=torch.zeros(3), running_var=torch.ones(3).half())
+    with pytest.raises(TypeError, match="stats"):
+        F.finalize(stats.float(), EPS, running_mean=torch.zeros(3), running_var=torch.ones(3))
     with pytest.raises(TypeError, match="running_mean"):
-        F.finalize(stats.double(), EPS, running_mean=torch.zeros(3), running_var=torch.ones(3))
+        F.finalize(stats, EPS, running_mean=torch.zeros(3, dtype=torch.int64),
+                   running_var=torch.ones(3, dtype=torch.int64))
     with pytest.raises(ValueError, match="running_mean"):
         F.finalize(stats, EPS, running_mean=torch.zeros(3, device="meta"),
                    running_var=torch.ones(3))
@@ -780,7 +781,7 @@ def test_merge_moments_checks():
     with pytest.raises(ValueError, match="records"):
         F.merge_moments(rec)  # one record, not (k, 2C+1)
     with pytest.raises(ValueError, match="records"):
-        F.merge_moments(torch.zeros(2, 6))
+        F.merge_moments(torch.zeros(2, 6, dtype=torch.float64))
     with pytest.raises(TypeError, match="records"):
         F.merge_moments(torch.stack([rec, rec]).half())
     with pytest.raises(TypeError, match="records"):
@@ -788,16 +789,16 @@ def test_merge_moments_checks():
     with pytest.raises(ValueError, match=r"records\[1\]"):
         F.merge_moments([rec, rec[:5]])
     with pytest.raises(TypeError, match=r"records\[1\]"):
-        F.merge_moments([rec, rec.double()])
+        F.merge_moments([rec, rec.float()])
     with pytest.raises(ValueError, match="k"):
-        F.merge_moments(torch.zeros(0, 7))
+        F.merge_moments(torch.zeros(0, 7, dtype=torch.float64))
 
 
 def test_mismatched_devices_rejected():
     x = torch.randn(4, 3, 5)
-    meta = torch.zeros(3, device="meta")
+    meta = torch.zeros(3, device="meta", dtype=torch.float64)
     with pytest.raises(ValueError, match="mean is on meta"):
-        F.normalize(x, meta, torch.ones(3))
+        F.normalize(x, meta, torch.ones(3, dtype=torch.float64))
 
 
 def test_package_reports_build():
@@ -826,7 +827,7 @@ class TestCUDA:
     def test_forward_ops_match_cpu_and_torch(self, dtype, shape, fmt):
         x = _make(shape, dtype, fmt, offset=2.0, scale=3.0)
         xg = x.cuda()
-        c, acc = shape[1], F.acc_dtype(dtype)
+        c, acc = shape[1], F.STATS_DTYPE
         tol = _stats_tol(dtype) * 10
         n = x.numel() // c
         torch.testing.assert_close(F.sum_ft(xg).cpu(), F.sum_ft(x), rtol=tol, atol=tol * n)

@@ -183,6 +183,20 @@ inline void block_moments(const T* x, int64_t len, double& mean, double& m2)
   m2 = std::max(0.0, static_cast<double>(sdd) - static_cast<double>(sd) * static_cast<double>(sd) / len);
 }
 
+/// A float64 mean as hi + lo in the accumulation type: (x - hi) - lo is accurate to the
+/// precision of x even at large offsets (x - hi is exact when x is close to hi).
+template <class A>
+struct SplitMean {
+  std::vector<A> hi, lo;
+  SplitMean(const double* mean, int64_t c) : hi(c), lo(c)
+  {
+    for (int64_t i = 0; i < c; ++i) {
+      hi[i] = static_cast<A>(mean[i]);
+      lo[i] = static_cast<A>(mean[i] - static_cast<double>(hi[i]));
+    }
+  }
+};
+
 // ---- channel-major plan ------------------------------------------------------------------------
 /// Tasks (c, s): channel c, the s-th of S ranges of n. Task t = c * S + s.
 struct CmPlan {
@@ -419,39 +433,39 @@ void moments_rows(const T* x, const Geometry& g, std::vector<Moments>& out, int 
 // normalize
 // ================================================================================================
 template <class T, class P>
-void normalize_impl(const T* x, const Geometry& g, const void* mean, const void* invstd,
+void normalize_impl(const T* x, const Geometry& g, const double* mean, const double* invstd,
                     const void* weight, const void* bias, T* y, int num_threads)
 {
   using A = acc_t<T>;
   const int64_t C = g.c;
-  std::vector<A> m(C), a(C), b(C);
+  const SplitMean<A> sm(mean, C);
+  std::vector<A> a(C), b(C);
   for (int64_t c = 0; c < C; ++c) {
-    const A* pm = static_cast<const A*>(mean);
-    const A* pi = static_cast<const A*>(invstd);
-    m[c] = pm[c];
-    a[c] = static_cast<A>(static_cast<double>(pi[c]) * (weight ? ldp<P>(weight, c) : 1.0));
+    a[c] = static_cast<A>(invstd[c] * (weight ? ldp<P>(weight, c) : 1.0));
     b[c] = static_cast<A>(bias ? ldp<P>(bias, c) : 0.0);
   }
   if (!use_rows(g)) {
     const CmPlan p = cm_plan(g, num_threads);
     parallel(p.nt, [&](int tid, int nt) {
       cm_for_tasks(g, p, tid, nt, true, [&](int64_t, int64_t c, int64_t nb, int64_t ne) {
-        const A mc = m[c], ac = a[c], bc = b[c];
+        const A mh = sm.hi[c], ml = sm.lo[c], ac = a[c], bc = b[c];
         for (int64_t i = 0; i < ne - nb; ++i) {
           int64_t n = ne - 1 - i;
           const T* xp = x + (n * C + c) * g.l;
           T* yp = y + (n * C + c) * g.l;
 #pragma omp simd
-          for (int64_t l = 0; l < g.l; ++l) { yp[l] = st<T>((ld(xp[l]) - mc) * ac + bc); }
+          for (int64_t l = 0; l < g.l; ++l) { yp[l] = st<T>(((ld(xp[l]) - mh) - ml) * ac + bc); }
         }
       });
     });
     return;
   }
   const ClPlan p = cl_plan(g, num_threads);
-  const std::vector<A> mw = replicate(m, p.w), aw = replicate(a, p.w), bw = replicate(b, p.w);
+  const std::vector<A> hw = replicate(sm.hi, p.w), lw = replicate(sm.lo, p.w), aw = replicate(a, p.w),
+                       bw = replicate(b, p.w);
   parallel(p.nt, [&](int tid, int nt) {
-    const A* __restrict pm = mw.data();
+    const A* __restrict ph = hw.data();
+    const A* __restrict pl = lw.data();
     const A* __restrict pa = aw.data();
     const A* __restrict pb = bw.data();
     cl_for_blocks(p, C, tid, nt, true, [&](int64_t r0, int64_t nrows, int64_t w) {
@@ -460,7 +474,7 @@ void normalize_impl(const T* x, const Geometry& g, const void* mean, const void*
         const T* __restrict xr = x + off;
         T* __restrict yr = y + off;
 #pragma omp simd
-        for (int64_t j = 0; j < w; ++j) { yr[j] = st<T>((ld(xr[j]) - pm[j]) * pa[j] + pb[j]); }
+        for (int64_t j = 0; j < w; ++j) { yr[j] = st<T>(((ld(xr[j]) - ph[j]) - pl[j]) * pa[j] + pb[j]); }
       }
     });
   });
@@ -471,7 +485,7 @@ void normalize_impl(const T* x, const Geometry& g, const void* mean, const void*
 // ================================================================================================
 /// Per-channel sums of dy and of dy * (x - mean) in double; x may be null (sum of dy only).
 template <class T>
-void grad_sums(const T* dy, const T* x, const Geometry& g, const std::vector<acc_t<T>>& m,
+void grad_sums(const T* dy, const T* x, const Geometry& g, const SplitMean<acc_t<T>>& sm,
                std::vector<double>& sum_dy, std::vector<double>& sum_dy_xmu, int num_threads)
 {
   using A = acc_t<T>;
@@ -482,7 +496,7 @@ void grad_sums(const T* dy, const T* x, const Geometry& g, const std::vector<acc
     parallel(p.nt, [&](int tid, int nt) {
       cm_for_tasks(g, p, tid, nt, false, [&](int64_t t, int64_t c, int64_t nb, int64_t ne) {
         double s1 = 0, s2 = 0;
-        const A mc = x ? m[c] : A(0);
+        const A mh = sm.hi[c], ml = sm.lo[c];
         for (int64_t n = nb; n < ne; ++n) {
           const int64_t off = (n * C + c) * g.l;
           for (int64_t i = 0; i < g.l; i += kBlock) {
@@ -495,7 +509,7 @@ void grad_sums(const T* dy, const T* x, const Geometry& g, const std::vector<acc
               for (int64_t l = 0; l < len; ++l) {
                 A v = ld(d[l]);
                 a1 += v;
-                a2 += v * (ld(xp[l]) - mc);
+                a2 += v * ((ld(xp[l]) - mh) - ml);
               }
             } else {
 #pragma omp simd reduction(+ : a1)
@@ -516,13 +530,14 @@ void grad_sums(const T* dy, const T* x, const Geometry& g, const std::vector<acc
     return;
   }
   const ClPlan p = cl_plan(g, num_threads);
-  const std::vector<A> mw = replicate(m, p.w);
+  const std::vector<A> hw = replicate(sm.hi, p.w), lw = replicate(sm.lo, p.w);
   std::vector<double> lanes(static_cast<size_t>(p.nt) * 2 * p.w, 0.0);
   parallel(p.nt, [&](int tid, int nt) {
     std::vector<A> b1(p.w), b2(p.w);
     double* l1 = lanes.data() + static_cast<size_t>(tid) * 2 * p.w;
     double* l2 = l1 + p.w;
-    const A* pm = mw.data();
+    const A* ph = hw.data();
+    const A* pl = lw.data();
     cl_for_blocks(p, C, tid, nt, false, [&](int64_t r0, int64_t nrows, int64_t w) {
       A* q1 = b1.data();
       A* q2 = b2.data();
@@ -533,7 +548,7 @@ void grad_sums(const T* dy, const T* x, const Geometry& g, const std::vector<acc
         const T* xb = x + r0 * C;
         rows_accumulate2(nrows, w, q1, q2, [&](int64_t r, int64_t j, A& u, A& v) {
           u = ld(d[r * w + j]);
-          v = u * (ld(xb[r * w + j]) - pm[j]);
+          v = u * ((ld(xb[r * w + j]) - ph[j]) - pl[j]);
         });
       } else {
         rows_accumulate(nrows, w, q1, [&](int64_t r, int64_t j) { return static_cast<A>(ld(d[r * w + j])); });
@@ -557,21 +572,17 @@ void grad_sums(const T* dy, const T* x, const Geometry& g, const std::vector<acc
 // backward_elemt
 // ================================================================================================
 template <class T, class P>
-void elemt_impl(const T* dy, const T* x, const Geometry& g, const void* mean, const void* invstd,
-                const void* weight, const void* sums, const void* count, T* dx, int num_threads)
+void elemt_impl(const T* dy, const T* x, const Geometry& g, const double* mean, const double* invstd,
+                const void* weight, const double* sums, double cnt, T* dx, int num_threads)
 {
   using A = acc_t<T>;
   const int64_t C = g.c;
-  const A* pm = static_cast<const A*>(mean);
-  const A* pi = static_cast<const A*>(invstd);
-  const A* ps = static_cast<const A*>(sums);
-  const double cnt = static_cast<double>(*static_cast<const A*>(count));
-  // dx = dy * k1 - (x - mean) * k2 - k3
-  std::vector<A> m(C), k1(C), k2(C), k3(C);
+  const SplitMean<A> sm(mean, C);
+  // dx = dy * k1 - ((x - hi) - lo) * k2 - k3
+  std::vector<A> k1(C), k2(C), k3(C);
   for (int64_t c = 0; c < C; ++c) {
-    double is = pi[c], w = weight ? ldp<P>(weight, c) : 1.0;
-    double mdy = cnt > 0 ? ps[c] / cnt : 0.0, mdyxmu = cnt > 0 ? ps[C + c] / cnt : 0.0;
-    m[c] = pm[c];
+    double is = invstd[c], w = weight ? ldp<P>(weight, c) : 1.0;
+    double mdy = cnt > 0 ? sums[c] / cnt : 0.0, mdyxmu = cnt > 0 ? sums[C + c] / cnt : 0.0;
     k1[c] = static_cast<A>(is * w);
     k2[c] = static_cast<A>(is * is * is * w * mdyxmu);
     k3[c] = static_cast<A>(is * w * mdy);
@@ -580,24 +591,25 @@ void elemt_impl(const T* dy, const T* x, const Geometry& g, const void* mean, co
     const CmPlan p = cm_plan(g, num_threads);
     parallel(p.nt, [&](int tid, int nt) {
       cm_for_tasks(g, p, tid, nt, true, [&](int64_t, int64_t c, int64_t nb, int64_t ne) {
-        const A mc = m[c], a1 = k1[c], a2 = k2[c], a3 = k3[c];
+        const A mh = sm.hi[c], ml = sm.lo[c], a1 = k1[c], a2 = k2[c], a3 = k3[c];
         for (int64_t i = 0; i < ne - nb; ++i) {
           const int64_t off = ((ne - 1 - i) * C + c) * g.l;
           const T* d = dy + off;
           const T* xp = x + off;
           T* o = dx + off;
 #pragma omp simd
-          for (int64_t l = 0; l < g.l; ++l) { o[l] = st<T>(ld(d[l]) * a1 - (ld(xp[l]) - mc) * a2 - a3); }
+          for (int64_t l = 0; l < g.l; ++l) { o[l] = st<T>(ld(d[l]) * a1 - ((ld(xp[l]) - mh) - ml) * a2 - a3); }
         }
       });
     });
     return;
   }
   const ClPlan p = cl_plan(g, num_threads);
-  const std::vector<A> mw = replicate(m, p.w), w1 = replicate(k1, p.w), w2 = replicate(k2, p.w),
-                       w3 = replicate(k3, p.w);
+  const std::vector<A> hw = replicate(sm.hi, p.w), lw = replicate(sm.lo, p.w), w1 = replicate(k1, p.w),
+                       w2 = replicate(k2, p.w), w3 = replicate(k3, p.w);
   parallel(p.nt, [&](int tid, int nt) {
-    const A* __restrict qm = mw.data();
+    const A* __restrict qh = hw.data();
+    const A* __restrict ql = lw.data();
     const A* __restrict q1 = w1.data();
     const A* __restrict q2 = w2.data();
     const A* __restrict q3 = w3.data();
@@ -608,7 +620,7 @@ void elemt_impl(const T* dy, const T* x, const Geometry& g, const void* mean, co
         const T* __restrict xr = x + off;
         T* __restrict o = dx + off;
 #pragma omp simd
-        for (int64_t j = 0; j < w; ++j) { o[j] = st<T>(ld(d[j]) * q1[j] - (ld(xr[j]) - qm[j]) * q2[j] - q3[j]); }
+        for (int64_t j = 0; j < w; ++j) { o[j] = st<T>(ld(d[j]) * q1[j] - ((ld(xr[j]) - qh[j]) - ql[j]) * q2[j] - q3[j]); }
       }
     });
   });
@@ -632,18 +644,12 @@ void check_threads(const char* op, int num_threads)
   PYSBN_EXPECTS(num_threads >= 1, std::string(op) + ": num_threads must be >= 1, got " + std::to_string(num_threads));
 }
 
-template <class A>
-void write_acc(void* out, int64_t i, double v)
-{
-  static_cast<A*>(out)[i] = static_cast<A>(v);
-}
-
 }  // namespace
 
 // ================================================================================================
 // public entry points
 // ================================================================================================
-void sum_ft(const void* x, DType dtype, Geometry g, void* out, int num_threads)
+void sum_ft(const void* x, DType dtype, Geometry g, double* out, int num_threads)
 {
   detail::check_input("sum_ft", dtype, g);
   check_threads("sum_ft", num_threads);
@@ -653,13 +659,14 @@ void sum_ft(const void* x, DType dtype, Geometry g, void* out, int num_threads)
     using T = decltype(tag);
     std::vector<double> s(g.c, 0.0), unused(g.c, 0.0);
     if (detail::numel(g) > 0) {
-      grad_sums<T>(static_cast<const T*>(x), nullptr, g, std::vector<acc_t<T>>(g.c, 0), s, unused, num_threads);
+      const std::vector<double> zero(g.c, 0.0);
+      grad_sums<T>(static_cast<const T*>(x), nullptr, g, SplitMean<acc_t<T>>(zero.data(), g.c), s, unused, num_threads);
     }
-    for (int64_t c = 0; c < g.c; ++c) { write_acc<acc_t<T>>(out, c, s[c]); }
+    std::copy(s.begin(), s.end(), out);
   });
 }
 
-void moments(const void* x, DType dtype, Geometry g, void* stats, int num_threads)
+void moments(const void* x, DType dtype, Geometry g, double* stats, int num_threads)
 {
   detail::check_input("moments", dtype, g);
   check_threads("moments", num_threads);
@@ -667,7 +674,6 @@ void moments(const void* x, DType dtype, Geometry g, void* stats, int num_thread
   detail::check_ptr("moments", "stats", stats, true);
   dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
-    using A = acc_t<T>;
     std::vector<Moments> m(g.c);
     if (detail::numel(g) > 0) {
       if (use_rows(g)) {
@@ -676,53 +682,42 @@ void moments(const void* x, DType dtype, Geometry g, void* stats, int num_thread
         moments_cm<T>(static_cast<const T*>(x), g, m, num_threads);
       }
     }
-    write_acc<A>(stats, 0, static_cast<double>(g.n * g.l));
+    stats[0] = static_cast<double>(g.n * g.l);
     for (int64_t c = 0; c < g.c; ++c) {
-      write_acc<A>(stats, 1 + c, m[c].mean);
-      write_acc<A>(stats, 1 + g.c + c, m[c].m2);
+      stats[1 + c] = m[c].mean;
+      stats[1 + g.c + c] = m[c].m2;
     }
   });
 }
 
-void merge_moments(int64_t k, int64_t c, DType acc, const void* records, void* out)
+void merge_moments(int64_t k, int64_t c, const double* records, double* out)
 {
-  detail::check_acc("merge_moments", acc);
   PYSBN_EXPECTS(k >= 1, "merge_moments: k (number of records) must be >= 1, got " + std::to_string(k));
   PYSBN_EXPECTS(c >= 0, "merge_moments: c must be >= 0, got " + std::to_string(c));
   detail::check_ptr("merge_moments", "records", records, true);
   detail::check_ptr("merge_moments", "out", out, true);
-  auto run = [&](auto tag) {
-    using A = decltype(tag);
-    const A* r = static_cast<const A*>(records);
-    const int64_t stride = 2 * c + 1;
-    double total = 0;
-    for (int64_t i = 0; i < k; ++i) {
-      PYSBN_EXPECTS(r[i * stride] >= 0, "merge_moments: record " + std::to_string(i) + " has a negative count");
-      total += r[i * stride];
-    }
-    std::vector<Moments> m(c);
-    for (int64_t i = 0; i < k; ++i) {
-      const A* ri = r + i * stride;
-      for (int64_t j = 0; j < c; ++j) { m[j].merge(ri[0], ri[1 + j], ri[1 + c + j]); }
-    }
-    A* o = static_cast<A*>(out);
-    o[0] = static_cast<A>(total);
-    for (int64_t j = 0; j < c; ++j) {
-      o[1 + j] = static_cast<A>(m[j].mean);
-      o[1 + c + j] = static_cast<A>(m[j].m2);
-    }
-  };
-  if (acc == DType::Float64) {
-    run(double{});
-  } else {
-    run(float{});
+  const int64_t stride = 2 * c + 1;
+  double total = 0;
+  for (int64_t i = 0; i < k; ++i) {
+    PYSBN_EXPECTS(records[i * stride] >= 0,
+                  "merge_moments: records[" + std::to_string(i) + "] has a negative count");
+    total += records[i * stride];
+  }
+  std::vector<Moments> m(c);
+  for (int64_t i = 0; i < k; ++i) {
+    const double* r = records + i * stride;
+    for (int64_t j = 0; j < c; ++j) { m[j].merge(r[0], r[1 + j], r[1 + c + j]); }
+  }
+  out[0] = total;
+  for (int64_t j = 0; j < c; ++j) {
+    out[1 + j] = m[j].mean;
+    out[1 + c + j] = m[j].m2;
   }
 }
 
-void finalize(int64_t c, DType acc, const void* stats, double eps, EpsMode mode, void* mean, void* invstd,
+void finalize(int64_t c, const double* stats, double eps, EpsMode mode, double* mean, double* invstd,
               void* running_mean, void* running_var, DType param_dtype, double factor)
 {
-  detail::check_acc("finalize", acc);
   PYSBN_EXPECTS(c >= 0, "finalize: c must be >= 0, got " + std::to_string(c));
   PYSBN_EXPECTS(mode == EpsMode::Plus || mode == EpsMode::Clamp, "finalize: mode must be Plus (0) or Clamp (1)");
   PYSBN_EXPECTS(eps >= 0 && std::isfinite(eps), "finalize: eps must be finite and >= 0, got " + std::to_string(eps));
@@ -733,32 +728,23 @@ void finalize(int64_t c, DType acc, const void* stats, double eps, EpsMode mode,
   detail::check_ptr("finalize", "stats", stats, true);
   detail::check_ptr("finalize", "mean", mean, c > 0);
   detail::check_ptr("finalize", "invstd", invstd, c > 0);
-  auto run = [&](auto tag) {
-    using A = decltype(tag);
-    const A* s = static_cast<const A*>(stats);
-    const double n = s[0];
-    for (int64_t j = 0; j < c; ++j) {
-      const double mu = n > 0 ? static_cast<double>(s[1 + j]) : 0.0;
-      const double m2 = n > 0 ? static_cast<double>(s[1 + c + j]) : 0.0;
-      const double var = n > 0 ? m2 / n : 0.0;
-      const double den = mode == EpsMode::Plus ? var + eps : std::max(var, eps);
-      static_cast<A*>(mean)[j] = static_cast<A>(mu);
-      static_cast<A*>(invstd)[j] = static_cast<A>(1.0 / std::sqrt(den));
-      if (running_mean != nullptr && n > 0) {
-        const double unbiased = m2 / (n - 1);
-        param_set(running_mean, param_dtype, j, (1 - factor) * param_get(running_mean, param_dtype, j, 0) + factor * mu);
-        param_set(running_var, param_dtype, j, (1 - factor) * param_get(running_var, param_dtype, j, 0) + factor * unbiased);
-      }
+  const double n = stats[0];
+  for (int64_t j = 0; j < c; ++j) {
+    const double mu = n > 0 ? stats[1 + j] : 0.0;
+    const double m2 = n > 0 ? stats[1 + c + j] : 0.0;
+    const double var = n > 0 ? m2 / n : 0.0;
+    const double den = mode == EpsMode::Plus ? var + eps : std::max(var, eps);
+    mean[j] = mu;
+    invstd[j] = 1.0 / std::sqrt(den);
+    if (running_mean != nullptr && n > 0) {
+      const double unbiased = m2 / (n - 1);
+      param_set(running_mean, param_dtype, j, (1 - factor) * param_get(running_mean, param_dtype, j, 0) + factor * mu);
+      param_set(running_var, param_dtype, j, (1 - factor) * param_get(running_var, param_dtype, j, 0) + factor * unbiased);
     }
-  };
-  if (acc == DType::Float64) {
-    run(double{});
-  } else {
-    run(float{});
   }
 }
 
-void normalize(const void* x, DType dtype, Geometry g, const void* mean, const void* invstd, const void* weight,
+void normalize(const void* x, DType dtype, Geometry g, const double* mean, const double* invstd, const void* weight,
                const void* bias, DType param_dtype, void* y, int num_threads)
 {
   detail::check_input("normalize", dtype, g);
@@ -779,8 +765,9 @@ void normalize(const void* x, DType dtype, Geometry g, const void* mean, const v
   });
 }
 
-void backward_reduce(const void* dy, const void* x, DType dtype, Geometry g, const void* mean, const void* invstd,
-                     void* sums, void* grad_weight, void* grad_bias, DType param_dtype, int num_threads)
+void backward_reduce(const void* dy, const void* x, DType dtype, Geometry g, const double* mean,
+                     const double* invstd, double* sums, void* grad_weight, void* grad_bias, DType param_dtype,
+                     int num_threads)
 {
   detail::check_input("backward_reduce", dtype, g);
   detail::check_param_dtype("backward_reduce", dtype, param_dtype);
@@ -793,26 +780,22 @@ void backward_reduce(const void* dy, const void* x, DType dtype, Geometry g, con
   detail::check_ptr("backward_reduce", "sums", sums, g.c > 0);
   dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
-    using A = acc_t<T>;
     std::vector<double> s1(g.c, 0.0), s2(g.c, 0.0);
     if (data) {
-      const A* pm = static_cast<const A*>(mean);
-      std::vector<A> m(pm, pm + g.c);
-      grad_sums<T>(static_cast<const T*>(dy), static_cast<const T*>(x), g, m, s1, s2, num_threads);
+      grad_sums<T>(static_cast<const T*>(dy), static_cast<const T*>(x), g, SplitMean<acc_t<T>>(mean, g.c), s1, s2,
+                   num_threads);
     }
     for (int64_t c = 0; c < g.c; ++c) {
-      write_acc<A>(sums, c, s1[c]);
-      write_acc<A>(sums, g.c + c, s2[c]);
-      if (grad_weight != nullptr) {
-        param_set(grad_weight, param_dtype, c, s2[c] * static_cast<double>(static_cast<const A*>(invstd)[c]));
-      }
+      sums[c] = s1[c];
+      sums[g.c + c] = s2[c];
+      if (grad_weight != nullptr) { param_set(grad_weight, param_dtype, c, s2[c] * invstd[c]); }
       param_set(grad_bias, param_dtype, c, s1[c]);
     }
   });
 }
 
-void backward_elemt(const void* dy, const void* x, DType dtype, Geometry g, const void* mean, const void* invstd,
-                    const void* weight, DType param_dtype, const void* sums, const void* count, void* dx,
+void backward_elemt(const void* dy, const void* x, DType dtype, Geometry g, const double* mean, const double* invstd,
+                    const void* weight, DType param_dtype, const double* sums, const double* count, void* dx,
                     int num_threads)
 {
   detail::check_input("backward_elemt", dtype, g);
@@ -831,7 +814,7 @@ void backward_elemt(const void* dy, const void* x, DType dtype, Geometry g, cons
     using T = decltype(tag);
     dispatch_param<T>(param_dtype, [&](auto ptag) {
       using P = decltype(ptag);
-      elemt_impl<T, P>(static_cast<const T*>(dy), static_cast<const T*>(x), g, mean, invstd, weight, sums, count,
+      elemt_impl<T, P>(static_cast<const T*>(dy), static_cast<const T*>(x), g, mean, invstd, weight, sums, *count,
                        static_cast<T*>(dx), num_threads);
     });
   });

@@ -13,25 +13,25 @@ namespace {
 }
 }  // namespace
 
-void sum_ft(const void*, DType, Geometry, void*, void*) { no_cuda("sum_ft"); }
-void moments(const void*, DType, Geometry, void*, void*) { no_cuda("moments"); }
-void merge_moments(int64_t, int64_t, DType, const void*, void*, void*) { no_cuda("merge_moments"); }
-void finalize(int64_t, DType, const void*, double, EpsMode, void*, void*, void*, void*, DType, double, void*)
+void sum_ft(const void*, DType, Geometry, double*, void*) { no_cuda("sum_ft"); }
+void moments(const void*, DType, Geometry, double*, void*) { no_cuda("moments"); }
+void merge_moments(int64_t, int64_t, const double*, double*, void*) { no_cuda("merge_moments"); }
+void finalize(int64_t, const double*, double, EpsMode, double*, double*, void*, void*, DType, double, void*)
 {
   no_cuda("finalize");
 }
-void normalize(const void*, DType, Geometry, const void*, const void*, const void*, const void*, DType,
+void normalize(const void*, DType, Geometry, const double*, const double*, const void*, const void*, DType,
                void*, void*)
 {
   no_cuda("normalize");
 }
-void backward_reduce(const void*, const void*, DType, Geometry, const void*, const void*, void*, void*,
+void backward_reduce(const void*, const void*, DType, Geometry, const double*, const double*, double*, void*,
                      void*, DType, void*)
 {
   no_cuda("backward_reduce");
 }
-void backward_elemt(const void*, const void*, DType, Geometry, const void*, const void*, const void*, DType,
-                    const void*, const void*, void*, void*)
+void backward_elemt(const void*, const void*, DType, Geometry, const double*, const double*, const void*, DType,
+                    const double*, const double*, void*, void*)
 {
   no_cuda("backward_elemt");
 }

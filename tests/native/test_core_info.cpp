@@ -15,7 +15,8 @@ TEST(CoreInfo, VersionAndFlags)
 TEST(CoreInfo, CudaEntryPointsThrowWithoutCuda)
 {
   if (pysbn::built_with_cuda()) { GTEST_SKIP() << "built with CUDA"; }
-  float x = 0.f, s[3];
+  float x = 0.f;
+  double s[3];
   pysbn::Geometry g{1, 1, 1, pysbn::Layout::ChannelMajor};
   try {
     pysbn::cuda::moments(&x, pysbn::DType::Float32, g, s, nullptr);

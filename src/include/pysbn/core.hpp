@@ -11,14 +11,20 @@
  *     - Layout::ChannelMajor  (contiguous NC, NCL, NCHW, NCDHW):  offset (n*C + c)*L + l
  *     - Layout::ChannelsLast  (torch channels_last / channels_last_3d): offset (n*L + l)*C + c
  *   All tensors of one call (x, y, dy, dx) share that geometry and layout and are dense.
- * - `DType` names the element type of x, y, dy, dx. Statistics use the accumulation type
+ * - `DType` names the element type of x, y, dy, dx. Inside the kernels, values accumulate in
  *   `acc_dtype(dtype)`: double for Float64, float for Float32, Float16 and BFloat16.
+ * - Per-channel statistics are float64 for every input dtype: the moments record, mean, invstd,
+ *   the grad-sums record, counts and sum_ft's output. They are O(C), so this costs nothing, and
+ *   it keeps the merge across replicas exact: a float32 mean at offset 1e4 has an ulp of 1e-3,
+ *   which Chan's merge would turn into a variance error above 1e-5. Elementwise kernels split a
+ *   float64 mean into a high and a low part in the accumulation type, (x - hi) - lo, so outputs
+ *   at large offsets are as accurate as the input allows.
  *   Parameters (weight, bias, running_mean, running_var, grad_weight, grad_bias) have their own
  *   `param_dtype`: equal to `dtype`, or Float32 when dtype is Float16/BFloat16 (mixed precision).
- * - A *moments record* is 2C+1 acc values: [count, mean[0..C), m2[0..C)], where count is the
+ * - A *moments record* is 2C+1 doubles: [count, mean[0..C), m2[0..C)], where count is the
  *   number of values per channel and m2 the sum of squared deviations from the mean. It is the
  *   per-replica payload of the forward sync; `merge_moments` reduces k records to one.
- * - A *grad-sums record* is 2C acc values: [sum_dy[0..C), sum_dy_xmu[0..C)], the payload of the
+ * - A *grad-sums record* is 2C doubles: [sum_dy[0..C), sum_dy_xmu[0..C)], the payload of the
  *   backward sync (summed elementwise across replicas).
  * - Statistics are never raw sum and sum of squares in input precision: each block of values
  *   is reduced with the corrected two-pass scheme (sum of deviations from a block mean, minus
@@ -76,47 +82,48 @@ const char* cuda_architectures();
 
 namespace cpu {
 
-/// sum_ft: out[c] = sum over (n, l) of x (acc type, blockwise pairwise-stable sum); the seed's helper.
-void sum_ft(const void* x, DType dtype, Geometry g, void* out, int num_threads);
+/// sum_ft: out[c] = sum over (n, l) of x (float64; blockwise sums in the accumulation type,
+/// merged in double); the seed's helper.
+void sum_ft(const void* x, DType dtype, Geometry g, double* out, int num_threads);
 
-/// moments: writes the moments record [count = N*L, mean[C], m2[C]] (acc type) of x to `stats`.
+/// moments: writes the moments record [count = N*L, mean[C], m2[C]] of x to `stats`.
 /// Corrected two-pass per cache block, Chan merge in double. count = 0 gives mean = m2 = 0.
-void moments(const void* x, DType dtype, Geometry g, void* stats, int num_threads);
+void moments(const void* x, DType dtype, Geometry g, double* stats, int num_threads);
 
-/// merge_moments: Chan's parallel merge of k moments records (k*(2C+1) acc values, back to back)
-/// into one record `out` (may alias none of the inputs). Exact for unequal and zero counts;
-/// sets with count 0 contribute nothing. Accumulates in double.
-void merge_moments(int64_t k, int64_t c, DType acc, const void* records, void* out);
+/// merge_moments: Chan's parallel merge of k moments records (k*(2C+1) doubles, back to back)
+/// into one record `out` (which must not alias the inputs). Exact for unequal and zero counts:
+/// records with count 0 contribute nothing. Throws on a negative count.
+void merge_moments(int64_t k, int64_t c, const double* records, double* out);
 
-/// finalize: from one moments record, writes mean[C] and invstd[C] (acc type) with `mode`,
-/// and, when running_mean / running_var are not null, updates them in place (param dtype):
+/// finalize: from one moments record, writes mean[C] and invstd[C] with `mode`, and, when
+/// running_mean / running_var are not null (both or neither), updates them in place (param dtype):
 ///   running_mean = (1 - factor) * running_mean + factor * mean
 ///   running_var  = (1 - factor) * running_var  + factor * m2 / (count - 1)   (unbiased)
 /// `factor` is momentum, or 1 / num_batches_tracked for the cumulative average. When
-/// count == 0 the running stats are left untouched, mean = 0 and var = 0.
-void finalize(int64_t c, DType acc, const void* stats, double eps, EpsMode mode, void* mean,
-              void* invstd, void* running_mean, void* running_var, DType param_dtype,
-              double factor);
+/// count == 0 the running stats are left untouched, mean = 0 and var = 0. count == 1 makes the
+/// unbiased variance m2 / 0 (NaN): callers reject that batch first, as nn.BatchNorm does.
+void finalize(int64_t c, const double* stats, double eps, EpsMode mode, double* mean, double* invstd,
+              void* running_mean, void* running_var, DType param_dtype, double factor);
 
 /// normalize: y = (x - mean[c]) * invstd[c] * weight[c] + bias[c]; weight and bias may each be
-/// null (meaning 1 and 0). mean/invstd are acc type; weight/bias are param dtype.
-void normalize(const void* x, DType dtype, Geometry g, const void* mean, const void* invstd,
+/// null (meaning 1 and 0). weight/bias are param dtype.
+void normalize(const void* x, DType dtype, Geometry g, const double* mean, const double* invstd,
                const void* weight, const void* bias, DType param_dtype, void* y, int num_threads);
 
-/// backward_reduce: writes the grad-sums record [sum_dy[C], sum_dy_xmu[C]] (acc type) to `sums`,
+/// backward_reduce: writes the grad-sums record [sum_dy[C], sum_dy_xmu[C]] to `sums`,
 /// sum_dy_xmu = sum of dy * (x - mean[c]); when not null, grad_weight[c] = sum_dy_xmu * invstd[c]
 /// and grad_bias[c] = sum_dy (param dtype). These are local sums; sync them before the elemt.
-void backward_reduce(const void* dy, const void* x, DType dtype, Geometry g, const void* mean,
-                     const void* invstd, void* sums, void* grad_weight, void* grad_bias,
+void backward_reduce(const void* dy, const void* x, DType dtype, Geometry g, const double* mean,
+                     const double* invstd, double* sums, void* grad_weight, void* grad_bias,
                      DType param_dtype, int num_threads);
 
 /// backward_elemt: dx = (dy - sum_dy/count - (x - mean) * invstd^2 * sum_dy_xmu/count) * invstd * w
-/// with the global grad-sums record `sums` and the global count `count` (one acc value, e.g. the
-/// count slot of the merged moments record); weight may be null (w = 1). count == 0 gives dx = 0
-/// (there are no elements).
-void backward_elemt(const void* dy, const void* x, DType dtype, Geometry g, const void* mean,
-                    const void* invstd, const void* weight, DType param_dtype, const void* sums,
-                    const void* count, void* dx, int num_threads);
+/// with the global grad-sums record `sums` and the global count `count` (one double, e.g. the
+/// count slot of the merged moments record); weight may be null (w = 1). A global count of 0
+/// means there are no elements anywhere, so there is nothing to write.
+void backward_elemt(const void* dy, const void* x, DType dtype, Geometry g, const double* mean,
+                    const double* invstd, const void* weight, DType param_dtype, const double* sums,
+                    const double* count, void* dx, int num_threads);
 
 }  // namespace cpu
 
@@ -125,20 +132,19 @@ namespace cuda {
 // Same contracts as the cpu:: ops, on device pointers, enqueued on `stream` (cudaStream_t).
 // In a build without CUDA each throws std::runtime_error.
 
-void sum_ft(const void* x, DType dtype, Geometry g, void* out, void* stream);
-void moments(const void* x, DType dtype, Geometry g, void* stats, void* stream);
-void merge_moments(int64_t k, int64_t c, DType acc, const void* records, void* out, void* stream);
-void finalize(int64_t c, DType acc, const void* stats, double eps, EpsMode mode, void* mean,
-              void* invstd, void* running_mean, void* running_var, DType param_dtype,
-              double factor, void* stream);
-void normalize(const void* x, DType dtype, Geometry g, const void* mean, const void* invstd,
+void sum_ft(const void* x, DType dtype, Geometry g, double* out, void* stream);
+void moments(const void* x, DType dtype, Geometry g, double* stats, void* stream);
+void merge_moments(int64_t k, int64_t c, const double* records, double* out, void* stream);
+void finalize(int64_t c, const double* stats, double eps, EpsMode mode, double* mean, double* invstd,
+              void* running_mean, void* running_var, DType param_dtype, double factor, void* stream);
+void normalize(const void* x, DType dtype, Geometry g, const double* mean, const double* invstd,
                const void* weight, const void* bias, DType param_dtype, void* y, void* stream);
-void backward_reduce(const void* dy, const void* x, DType dtype, Geometry g, const void* mean,
-                     const void* invstd, void* sums, void* grad_weight, void* grad_bias,
+void backward_reduce(const void* dy, const void* x, DType dtype, Geometry g, const double* mean,
+                     const double* invstd, double* sums, void* grad_weight, void* grad_bias,
                      DType param_dtype, void* stream);
-void backward_elemt(const void* dy, const void* x, DType dtype, Geometry g, const void* mean,
-                    const void* invstd, const void* weight, DType param_dtype, const void* sums,
-                    const void* count, void* dx, void* stream);
+void backward_elemt(const void* dy, const void* x, DType dtype, Geometry g, const double* mean,
+                    const double* invstd, const void* weight, DType param_dtype, const double* sums,
+                    const double* count, void* dx, void* stream);
 
 }  // namespace cuda
 
