@@ -1,0 +1,1461 @@
+// SPDX-License-Identifier: MIT
+// Tests of every pysbn::cpu op against a reference written here: plain loops in long double
+// over the dequantised inputs (two-pass moments), never the kernels' own output and never
+// hard-coded numbers. Covers both layouts, the four dtypes (float16 / bfloat16 held as bit
+// patterns, with conversions written below), mixed-precision parameters, odd and empty shapes,
+// 1-3 threads, large offsets, both EpsModes and the running stats, a two-replica sync chain
+// against one batch norm over the whole batch, and the argument errors. Statistics buffers are
+// float64 (the contract); their tolerances follow the accumulation type inside the kernels.
+#include <gtest/gtest.h>
+#include <pysbn/core.hpp>
+
+#include <algorithm>
+#include <array>
+#include <cctype>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <initializer_list>
+#include <iomanip>
+#include <limits>
+#include <ostream>
+#include <random>
+#include <sstream>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace {
+
+using pysbn::DType;
+using pysbn::EpsMode;
+using pysbn::Geometry;
+using pysbn::Layout;
+namespace cpu = pysbn::cpu;
+using ld = long double;
+
+constexpr std::array<int, 3> kThreads = {1, 2, 3};
+constexpr double kTiny = std::numeric_limits<double>::min();
+
+// ---- float16 / bfloat16 <-> float, round to nearest even ---------------------------------------
+
+uint32_t bits_of(float f)
+{
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  return u;
+}
+
+float float_of(uint32_t u)
+{
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+uint16_t float_to_half(float f)
+{
+  const uint32_t x = bits_of(f);
+  const auto sign = static_cast<uint16_t>((x >> 16) & 0x8000u);
+  uint32_t ax = x & 0x7fffffffu;
+  if (ax > 0x7f800000u) { return sign | 0x7e00u; }   // NaN
+  if (ax >= 0x477ff000u) { return sign | 0x7c00u; }  // >= 65520 (past max + half ulp): inf
+  if (ax < 0x38800000u) {                            // below 2^-14: subnormal (or zero)
+    // Scaling by 2^24 is exact; nearbyint rounds to nearest even in the default mode. A result
+    // of 1024 is the bit pattern of the smallest normal, which is the right answer.
+    const float units = std::nearbyint(float_of(ax) * 16777216.0f);
+    return sign | static_cast<uint16_t>(units);
+  }
+  ax += 0x0fffu + ((ax >> 13) & 1u);  // round to nearest, ties to even (carry may bump exponent)
+  ax -= 112u << 23;                   // rebias the exponent, 127 -> 15
+  return sign | static_cast<uint16_t>(ax >> 13);
+}
+
+float half_to_float(uint16_t h)
+{
+  const uint32_t exp = (h >> 10) & 0x1fu;
+  const uint32_t mant = h & 0x3ffu;
+  float v;
+  if (exp == 0x1f) {
+    v = mant ? std::numeric_limits<float>::quiet_NaN() : std::numeric_limits<float>::infinity();
+  } else if (exp == 0) {
+    v = std::ldexp(static_cast<float>(mant), -24);
+  } else {
+    v = std::ldexp(static_cast<float>(mant | 0x400u), static_cast<int>(exp) - 25);
+  }
+  return (h & 0x8000u) ? -v : v;
+}
+
+/// half_to_float of every bit pattern, for the hot read path of the tests.
+float half_to_float_fast(uint16_t h)
+{
+  static const std::vector<float> table = [] {
+    std::vector<float> t(65536);
+    for (uint32_t i = 0; i < 65536u; ++i) { t[i] = half_to_float(static_cast<uint16_t>(i)); }
+    return t;
+  }();
+  return table[h];
+}
+
+uint16_t float_to_bf16(float f)
+{
+  uint32_t x = bits_of(f);
+  if ((x & 0x7fffffffu) > 0x7f800000u) { return static_cast<uint16_t>((x >> 16) | 0x0040u); }
+  x += 0x7fffu + ((x >> 16) & 1u);
+  return static_cast<uint16_t>(x >> 16);
+}
+
+float bf16_to_float(uint16_t b) { return float_of(static_cast<uint32_t>(b) << 16); }
+
+// ---- typed host buffers -------------------------------------------------------------------------
+
+std::string dtype_str(DType d)
+{
+  switch (d) {
+    case DType::Float32: return "f32";
+    case DType::Float64: return "f64";
+    case DType::Float16: return "f16";
+    case DType::BFloat16: return "bf16";
+  }
+  return "bad";
+}
+
+/// A dense buffer of `n` elements of `dtype`, read and written as double. Storage is doubles so
+/// every element type is aligned, and it holds at least one element so data() is never null.
+class Buf {
+ public:
+  Buf() = default;
+  Buf(DType t, int64_t n)
+    : t_(t), n_(n),
+      store_(static_cast<size_t>((std::max<int64_t>(n, 1) * pysbn::dtype_size(t) + 7) / 8), 0.0)
+  {
+  }
+
+  DType dtype() const { return t_; }
+  int64_t size() const { return n_; }
+  void* data() { return store_.data(); }
+  const void* data() const { return store_.data(); }
+  void* ptr(int64_t i) { return bytes() + i * pysbn::dtype_size(t_); }
+
+  double get(int64_t i) const
+  {
+    const unsigned char* p = bytes() + i * pysbn::dtype_size(t_);
+    switch (t_) {
+      case DType::Float64: { double v; std::memcpy(&v, p, 8); return v; }
+      case DType::Float32: { float v; std::memcpy(&v, p, 4); return v; }
+      case DType::Float16: { uint16_t v; std::memcpy(&v, p, 2); return half_to_float_fast(v); }
+      case DType::BFloat16: { uint16_t v; std::memcpy(&v, p, 2); return bf16_to_float(v); }
+    }
+    return std::nan("");
+  }
+
+  /// Stores v rounded to the element type (half types via float: the double rounding only
+  /// shapes the test data, whose dequantised values are what the reference reads).
+  void set(int64_t i, double v)
+  {
+    unsigned char* p = bytes() + i * pysbn::dtype_size(t_);
+    switch (t_) {
+      case DType::Float64: std::memcpy(p, &v, 8); break;
+      case DType::Float32: { const auto f = static_cast<float>(v); std::memcpy(p, &f, 4); break; }
+      case DType::Float16: {
+        const uint16_t h = float_to_half(static_cast<float>(v));
+        std::memcpy(p, &h, 2);
+        break;
+      }
+      case DType::BFloat16: {
+        const uint16_t h = float_to_bf16(static_cast<float>(v));
+        std::memcpy(p, &h, 2);
+        break;
+      }
+    }
+  }
+
+  void fill(double v)
+  {
+    for (int64_t i = 0; i < n_; ++i) { set(i, v); }
+  }
+  /// Outputs start as NaN so an element the op forgot to write shows up.
+  void poison() { fill(std::numeric_limits<double>::quiet_NaN()); }
+
+  std::vector<double> values() const
+  {
+    std::vector<double> v(static_cast<size_t>(n_));
+    for (int64_t i = 0; i < n_; ++i) { v[static_cast<size_t>(i)] = get(i); }
+    return v;
+  }
+
+ private:
+  unsigned char* bytes() { return reinterpret_cast<unsigned char*>(store_.data()); }
+  const unsigned char* bytes() const { return reinterpret_cast<const unsigned char*>(store_.data()); }
+
+  DType t_ = DType::Float32;
+  int64_t n_ = 0;
+  std::vector<double> store_;
+};
+
+
+// ---- tolerances ---------------------------------------------------------------------------------
+
+/// Relative tolerance of a statistic accumulated in `acc`.
+double rtol_acc(DType acc) { return acc == DType::Float64 ? 1e-12 : 1e-5; }
+
+/// Absolute floor of a value rounded to `t`: float16 goes subnormal below 2^-14 (spacing 2^-24).
+double atol_out(DType t) { return t == DType::Float16 ? 0x1p-24 : kTiny; }
+
+/// Relative tolerance of a value rounded to `t` (elementwise outputs, parameters).
+double rtol_out(DType t)
+{
+  switch (t) {
+    case DType::Float64: return 1e-12;
+    case DType::Float32: return 1e-5;
+    case DType::Float16: return 2e-3;
+    case DType::BFloat16: return 1e-2;
+  }
+  return 0.0;
+}
+
+double unit_roundoff(DType t)
+{
+  switch (t) {
+    case DType::Float64: return 0x1p-53;
+    case DType::Float32: return 0x1p-24;
+    case DType::Float16: return 0x1p-11;
+    case DType::BFloat16: return 0x1p-8;
+  }
+  return 0.0;
+}
+
+/// Spacing of `t` at magnitude r (the ulp of a value rounded to t).
+double ulp_of(DType t, double r)
+{
+  r = std::fabs(r);
+  switch (t) {
+    case DType::Float16: return r < 0x1p-14 ? 0x1p-24 : std::ldexp(1.0, std::ilogb(r) - 10);
+    case DType::BFloat16: return r < 0x1p-126 ? 0x1p-133 : std::ldexp(1.0, std::ilogb(r) - 7);
+    case DType::Float32: return r < 0x1p-126 ? 0x1p-149 : std::ldexp(1.0, std::ilogb(r) - 23);
+    case DType::Float64: return r < 0x1p-1022 ? 0x1p-1074 : std::ldexp(1.0, std::ilogb(r) - 52);
+  }
+  return 0.0;
+}
+
+/// Tolerance of an elementwise output `ref` stored as `t`, computed in the accumulation type
+/// from terms of total magnitude `scale`. float16/bfloat16: half an ulp of t (the output is
+/// rounded once, to nearest) plus float-level error of the terms; float32/float64: rtol_out.
+double tol_out(DType t, double ref, double scale)
+{
+  const double r = std::fabs(ref);
+  if (t == DType::Float16 || t == DType::BFloat16) { return 0.5 * ulp_of(t, r) + 1e-5 * (r + scale); }
+  return rtol_out(t) * (r + scale) + kTiny;
+}
+
+/// Checks got[i] against ref[i] within tol[i]; reports the first few misses (NaN is a miss).
+void expect_near_all(const std::string& what, const std::vector<double>& got,
+                     const std::vector<double>& ref, const std::vector<double>& tol)
+{
+  ASSERT_EQ(got.size(), ref.size()) << what;
+  ASSERT_EQ(got.size(), tol.size()) << what;
+  size_t bad = 0;
+  std::ostringstream os;
+  os << std::setprecision(17);
+  for (size_t i = 0; i < got.size(); ++i) {
+    if (!(std::fabs(got[i] - ref[i]) <= tol[i])) {
+      if (bad < 6) {
+        os << "\n  [" << i << "] got " << got[i] << " want " << ref[i] << " (|diff| "
+           << std::fabs(got[i] - ref[i]) << " > tol " << tol[i] << ")";
+      }
+      ++bad;
+    }
+  }
+  if (bad) { ADD_FAILURE() << what << ": " << bad << " of " << got.size() << " outside tolerance" << os.str(); }
+}
+
+// ---- reference ----------------------------------------------------------------------------------
+
+int64_t offset_of(const Geometry& g, int64_t n, int64_t c, int64_t l)
+{
+  return g.layout == Layout::ChannelMajor ? (n * g.c + c) * g.l + l : (n * g.l + l) * g.c + c;
+}
+
+int64_t numel(const Geometry& g) { return g.n * g.c * g.l; }
+
+/// Calls f(c, flat offset) for every element, in canonical (n, c, l) order.
+template <class F>
+void for_each_element(const Geometry& g, F&& f)
+{
+  for (int64_t n = 0; n < g.n; ++n) {
+    for (int64_t c = 0; c < g.c; ++c) {
+      for (int64_t l = 0; l < g.l; ++l) { f(c, offset_of(g, n, c, l)); }
+    }
+  }
+}
+
+/// Two-pass per-channel moments of x in long double, plus the sum of |x| for sum tolerances.
+struct RefStats {
+  int64_t count = 0;
+  std::vector<ld> sum, sum_abs, mean, m2;
+};
+
+RefStats ref_stats(const Buf& x, const Geometry& g)
+{
+  RefStats r;
+  const auto C = static_cast<size_t>(g.c);
+  r.count = g.n * g.l;
+  r.sum.assign(C, 0.0L);
+  r.sum_abs.assign(C, 0.0L);
+  r.mean.assign(C, 0.0L);
+  r.m2.assign(C, 0.0L);
+  for_each_element(g, [&](int64_t c, int64_t i) {
+    const ld v = x.get(i);
+    r.sum[static_cast<size_t>(c)] += v;
+    r.sum_abs[static_cast<size_t>(c)] += std::fabs(v);
+  });
+  if (r.count == 0) { return r; }
+  for (size_t c = 0; c < C; ++c) { r.mean[c] = r.sum[c] / static_cast<ld>(r.count); }
+  for_each_element(g, [&](int64_t c, int64_t i) {
+    const ld d = static_cast<ld>(x.get(i)) - r.mean[static_cast<size_t>(c)];
+    r.m2[static_cast<size_t>(c)] += d * d;
+  });
+  return r;
+}
+
+/// Tolerances of a moments record [count, mean, m2] in `acc` against `r`.
+std::vector<double> moments_tol(const RefStats& r, DType acc)
+{
+  const double rt = rtol_acc(acc), u = unit_roundoff(acc);
+  const size_t C = r.mean.size();
+  std::vector<double> tol(2 * C + 1, 0.0);
+  for (size_t c = 0; c < C; ++c) {
+    const double mean = static_cast<double>(std::fabs(r.mean[c]));
+    const double sd = r.count ? std::sqrt(static_cast<double>(r.m2[c]) / static_cast<double>(r.count)) : 0.0;
+    tol[1 + c] = rt * (mean + sd) + kTiny;
+    // The floor: in acc precision a deviation from the mean is only known to about u * |mean|,
+    // which moves m2 = sum d^2 by up to 2 u |mean| sum |d| <= 2 u |mean| sqrt(count * m2).
+    const double e = u * mean, cnt = static_cast<double>(r.count);
+    tol[1 + C + c] = rt * static_cast<double>(r.m2[c]) + 4.0 * e * std::sqrt(cnt * static_cast<double>(r.m2[c])) +
+                     4.0 * cnt * e * e + kTiny;
+  }
+  return tol;
+}
+
+std::vector<double> moments_ref(const RefStats& r)
+{
+  const size_t C = r.mean.size();
+  std::vector<double> v(2 * C + 1);
+  v[0] = static_cast<double>(r.count);
+  for (size_t c = 0; c < C; ++c) {
+    v[1 + c] = static_cast<double>(r.mean[c]);
+    v[1 + C + c] = static_cast<double>(r.m2[c]);
+  }
+  return v;
+}
+
+/// x[n, c, l] = mu[c] + sigma[c] * N(0, 1), rounded to dtype, filled in canonical order so the
+/// logical tensor does not depend on the layout.
+Buf random_input(DType t, const Geometry& g, std::mt19937& rng, const std::vector<double>& mu,
+                 const std::vector<double>& sigma)
+{
+  Buf x(t, numel(g));
+  std::normal_distribution<double> nd(0.0, 1.0);
+  for_each_element(g, [&](int64_t c, int64_t i) {
+    x.set(i, mu[static_cast<size_t>(c)] + sigma[static_cast<size_t>(c)] * nd(rng));
+  });
+  return x;
+}
+
+Buf random_uniform(DType t, int64_t n, std::mt19937& rng, double lo, double hi, bool random_sign = false)
+{
+  Buf b(t, n);
+  std::uniform_real_distribution<double> ud(lo, hi);
+  std::bernoulli_distribution coin(0.5);
+  for (int64_t i = 0; i < n; ++i) {
+    const double v = ud(rng);
+    b.set(i, random_sign && coin(rng) ? -v : v);
+  }
+  return b;
+}
+
+
+/// Statistics buffers (moments records, mean, invstd, grad sums, count) are float64 for every
+/// input dtype. Outputs start as NaN so an element the op forgot to write shows up.
+std::vector<double> nans(int64_t n)
+{
+  return std::vector<double>(static_cast<size_t>(n), std::numeric_limits<double>::quiet_NaN());
+}
+
+// ---- the op cases -------------------------------------------------------------------------------
+
+struct OpCase {
+  DType dtype;
+  DType param;
+  Layout layout;
+  int64_t n, c, l;
+};
+
+std::ostream& operator<<(std::ostream& os, const OpCase& p)
+{
+  return os << dtype_str(p.dtype) << "/param " << dtype_str(p.param) << "/"
+            << (p.layout == Layout::ChannelMajor ? "ChannelMajor" : "ChannelsLast") << " (N=" << p.n
+            << ", C=" << p.c << ", L=" << p.l << ")";
+}
+
+std::string op_case_name(const ::testing::TestParamInfo<OpCase>& info)
+{
+  const OpCase& p = info.param;
+  return dtype_str(p.dtype) + "_p" + dtype_str(p.param) +
+         (p.layout == Layout::ChannelMajor ? "_CM_" : "_CL_") + std::to_string(p.n) + "x" +
+         std::to_string(p.c) + "x" + std::to_string(p.l);
+}
+
+/// The dtype / param_dtype pairs the contract allows for elementwise ops.
+std::vector<std::array<DType, 2>> all_combos()
+{
+  return {{DType::Float32, DType::Float32},  {DType::Float64, DType::Float64},
+          {DType::Float16, DType::Float16},  {DType::Float16, DType::Float32},
+          {DType::BFloat16, DType::BFloat16}, {DType::BFloat16, DType::Float32}};
+}
+
+std::vector<OpCase> op_cases()
+{
+  // Odd sizes on purpose: singletons, C = 1, L = 1, C = 4097 with a small N*L, sizes off the
+  // multiples of 8/16; every dtype / param_dtype pair.
+  const std::vector<std::array<int64_t, 3>> small = {{2, 3, 5},  {1, 1, 1},    {1, 6, 1},  {7, 1, 13},
+                                                     {2, 4097, 3}, {6, 17, 23}, {4, 9, 130}, {13, 24, 1}};
+  // Big enough (N*C*L >= 32768) for the kernels to use several threads: N*L = 32800,
+  // channel-major with L above one 4096-value statistics block, channel-major with L == 1,
+  // C = 4097. The param dtype does not meet the threading, so fewer pairs keep the run short.
+  const std::vector<std::array<int64_t, 3>> big = {{32, 3, 1025}, {3, 2, 9001}, {3, 40, 350}, {2500, 17, 1}, {5, 4097, 2}};
+  std::vector<OpCase> out;
+  for (const auto& dp : all_combos()) {
+    const bool big_too = dp[0] == DType::Float32 || dp[0] == DType::Float64 ||
+                         (dp[0] == DType::Float16 && dp[1] == DType::Float32) ||
+                         (dp[0] == DType::BFloat16 && dp[1] == DType::BFloat16);
+    for (Layout lay : {Layout::ChannelMajor, Layout::ChannelsLast}) {
+      for (const auto& s : small) { out.push_back({dp[0], dp[1], lay, s[0], s[1], s[2]}); }
+      if (!big_too) { continue; }
+      for (const auto& s : big) { out.push_back({dp[0], dp[1], lay, s[0], s[1], s[2]}); }
+    }
+  }
+  return out;
+}
+
+uint32_t seed_of(const OpCase& p)
+{
+  return static_cast<uint32_t>(1000003u * static_cast<uint32_t>(p.n) + 10007u * static_cast<uint32_t>(p.c) +
+                               101u * static_cast<uint32_t>(p.l) + 17u * static_cast<uint32_t>(p.dtype) +
+                               5u * static_cast<uint32_t>(p.param) + static_cast<uint32_t>(p.layout) + 12345u);
+}
+
+class CpuOps : public ::testing::TestWithParam<OpCase> {
+ protected:
+  void SetUp() override
+  {
+    const OpCase& p = GetParam();
+    g_ = Geometry{p.n, p.c, p.l, p.layout};
+    acc_ = pysbn::acc_dtype(p.dtype);
+    rng_.seed(seed_of(p));
+    std::uniform_real_distribution<double> mu(-3.0, 3.0), sd(0.25, 2.0);
+    std::vector<double> mus(static_cast<size_t>(p.c)), sds(static_cast<size_t>(p.c));
+    for (int64_t c = 0; c < p.c; ++c) {
+      mus[static_cast<size_t>(c)] = mu(rng_);
+      sds[static_cast<size_t>(c)] = sd(rng_);
+    }
+    x_ = random_input(p.dtype, g_, rng_, mus, sds);
+    dy_ = random_input(p.dtype, g_, rng_, std::vector<double>(mus.size(), 0.0), std::vector<double>(mus.size(), 1.0));
+    ref_ = ref_stats(x_, g_);
+    // mean and invstd = 1/sqrt(var + 1e-5) from the reference: inputs of the elementwise ops,
+    // so those are tested independently of moments/finalize.
+    mean_.resize(static_cast<size_t>(p.c));
+    invstd_.resize(static_cast<size_t>(p.c));
+    for (size_t c = 0; c < mean_.size(); ++c) {
+      mean_[c] = static_cast<double>(ref_.mean[c]);
+      const ld var = ref_.count ? ref_.m2[c] / static_cast<ld>(ref_.count) : 0.0L;
+      invstd_[c] = static_cast<double>(1.0L / std::sqrt(var + 1e-5L));
+    }
+  }
+
+  Geometry g_;
+  DType acc_ = DType::Float32;  // the accumulation type inside the kernels: sets the tolerances
+  std::mt19937 rng_;
+  Buf x_, dy_;
+  RefStats ref_;
+  std::vector<double> mean_, invstd_;
+};
+
+TEST_P(CpuOps, SumFtMatchesDoubleSum)
+{
+  const OpCase& p = GetParam();
+  std::vector<double> ref(static_cast<size_t>(p.c)), tol(ref.size());
+  for (size_t c = 0; c < ref.size(); ++c) {
+    ref[c] = static_cast<double>(ref_.sum[c]);
+    tol[c] = rtol_acc(acc_) * static_cast<double>(ref_.sum_abs[c]) + kTiny;
+  }
+  std::vector<double> first;
+  for (int t : kThreads) {
+    SCOPED_TRACE("num_threads=" + std::to_string(t));
+    std::vector<double> out = nans(p.c);
+    cpu::sum_ft(x_.data(), p.dtype, g_, out.data(), t);
+    expect_near_all("sum_ft", out, ref, tol);
+    if (first.empty()) { first = out; } else { expect_near_all("sum_ft vs 1 thread", out, first, tol); }
+  }
+}
+
+TEST_P(CpuOps, MomentsMatchTwoPassReference)
+{
+  const OpCase& p = GetParam();
+  const std::vector<double> ref = moments_ref(ref_), tol = moments_tol(ref_, acc_);
+  std::vector<double> first;
+  for (int t : kThreads) {
+    SCOPED_TRACE("num_threads=" + std::to_string(t));
+    std::vector<double> st = nans(2 * p.c + 1);
+    cpu::moments(x_.data(), p.dtype, g_, st.data(), t);
+    EXPECT_EQ(st[0], static_cast<double>(p.n * p.l)) << "count";
+    expect_near_all("moments", st, ref, tol);
+    if (first.empty()) { first = st; } else { expect_near_all("moments vs 1 thread", st, first, tol); }
+  }
+}
+
+TEST_P(CpuOps, NormalizeWithAndWithoutAffine)
+{
+  const OpCase& p = GetParam();
+  const Buf w = random_uniform(p.param, p.c, rng_, 0.5, 1.5, true);
+  const Buf b = random_uniform(p.param, p.c, rng_, -1.0, 1.0);
+  for (int variant = 0; variant < 4; ++variant) {
+    const bool has_w = (variant & 1) == 0, has_b = (variant & 2) == 0;
+    SCOPED_TRACE(std::string("weight ") + (has_w ? "set" : "null") + ", bias " + (has_b ? "set" : "null"));
+    std::vector<double> ref(static_cast<size_t>(numel(g_))), tol(ref.size());
+    for_each_element(g_, [&](int64_t c, int64_t i) {
+      const auto cc = static_cast<size_t>(c);
+      const ld xm = static_cast<ld>(x_.get(i)) - mean_[cc];
+      const ld scale = static_cast<ld>(invstd_[cc]) * (has_w ? w.get(c) : 1.0);
+      const ld bias = has_b ? b.get(c) : 0.0;
+      const ld y = xm * scale + bias;
+      ref[static_cast<size_t>(i)] = static_cast<double>(y);
+      tol[static_cast<size_t>(i)] =
+        tol_out(p.dtype, static_cast<double>(y), static_cast<double>(std::fabs(xm * scale) + std::fabs(bias)));
+    });
+    std::vector<double> first;
+    for (int t : kThreads) {
+      SCOPED_TRACE("num_threads=" + std::to_string(t));
+      Buf y(p.dtype, numel(g_));
+      y.poison();
+      cpu::normalize(x_.data(), p.dtype, g_, mean_.data(), invstd_.data(), has_w ? w.data() : nullptr,
+                     has_b ? b.data() : nullptr, p.param, y.data(), t);
+      expect_near_all("normalize", y.values(), ref, tol);
+      if (first.empty()) { first = y.values(); } else { expect_near_all("normalize vs 1 thread", y.values(), first, tol); }
+    }
+  }
+}
+
+TEST_P(CpuOps, BackwardReduceSumsAndParamGrads)
+{
+  const OpCase& p = GetParam();
+  const auto C = static_cast<size_t>(p.c);
+  std::vector<ld> sdy(C, 0.0L), sdx(C, 0.0L), adx(C, 0.0L), ady(C, 0.0L);
+  for_each_element(g_, [&](int64_t c, int64_t i) {
+    const auto cc = static_cast<size_t>(c);
+    const ld d = dy_.get(i), xm = static_cast<ld>(x_.get(i)) - mean_[cc];
+    sdy[cc] += d;
+    ady[cc] += std::fabs(d);
+    sdx[cc] += d * xm;
+    adx[cc] += std::fabs(d * xm);
+  });
+  const double ra = rtol_acc(acc_);
+  std::vector<double> ref(2 * C), tol(2 * C), gw_ref(C), gw_tol(C), gb_ref(C), gb_tol(C);
+  for (size_t c = 0; c < C; ++c) {
+    ref[c] = static_cast<double>(sdy[c]);
+    tol[c] = ra * static_cast<double>(ady[c]) + kTiny;
+    ref[C + c] = static_cast<double>(sdx[c]);
+    tol[C + c] = ra * static_cast<double>(adx[c]) + kTiny;
+    gw_ref[c] = static_cast<double>(sdx[c] * static_cast<ld>(invstd_[c]));
+    gw_tol[c] = tol[C + c] * invstd_[c] + tol_out(p.param, gw_ref[c], 0.0);
+    gb_ref[c] = ref[c];
+    gb_tol[c] = tol[c] + tol_out(p.param, gb_ref[c], 0.0);
+  }
+  for (int variant = 0; variant < 4; ++variant) {
+    const bool has_gw = (variant & 1) == 0, has_gb = (variant & 2) == 0;
+    SCOPED_TRACE(std::string("grad_weight ") + (has_gw ? "set" : "null") + ", grad_bias " + (has_gb ? "set" : "null"));
+    std::vector<double> first;
+    for (int t : kThreads) {
+      SCOPED_TRACE("num_threads=" + std::to_string(t));
+      std::vector<double> sums = nans(2 * p.c);
+      Buf gw(p.param, p.c), gb(p.param, p.c);
+      gw.poison();
+      gb.poison();
+      cpu::backward_reduce(dy_.data(), x_.data(), p.dtype, g_, mean_.data(), invstd_.data(), sums.data(),
+                           has_gw ? gw.data() : nullptr, has_gb ? gb.data() : nullptr, p.param, t);
+      expect_near_all("backward_reduce sums", sums, ref, tol);
+      if (has_gw) { expect_near_all("grad_weight", gw.values(), gw_ref, gw_tol); }
+      if (has_gb) { expect_near_all("grad_bias", gb.values(), gb_ref, gb_tol); }
+      if (first.empty()) { first = sums; } else { expect_near_all("sums vs 1 thread", sums, first, tol); }
+    }
+  }
+}
+
+TEST_P(CpuOps, BackwardElemtWithGlobalSumsAndCount)
+{
+  const OpCase& p = GetParam();
+  const Buf w = random_uniform(p.param, p.c, rng_, 0.5, 1.5, true);
+  // Global sums and count as after a sync with other replicas: the count is not the local N*L.
+  const double count = static_cast<double>(3 * p.n * p.l + 2);
+  std::vector<double> sums(static_cast<size_t>(2 * p.c));
+  std::normal_distribution<double> nd(0.0, std::sqrt(count));
+  for (double& s : sums) { s = nd(rng_); }
+  for (bool has_w : {true, false}) {
+    SCOPED_TRACE(std::string("weight ") + (has_w ? "set" : "null"));
+    std::vector<double> ref(static_cast<size_t>(numel(g_))), tol(ref.size());
+    for_each_element(g_, [&](int64_t c, int64_t i) {
+      const auto cc = static_cast<size_t>(c);
+      const ld is = invstd_[cc], wc = has_w ? w.get(c) : 1.0;
+      const ld a = dy_.get(i), b = static_cast<ld>(sums[cc]) / count;
+      const ld xm = static_cast<ld>(x_.get(i)) - mean_[cc];
+      const ld k = xm * is * is * static_cast<ld>(sums[cc + static_cast<size_t>(p.c)]) / count;
+      const ld dx = (a - b - k) * is * wc;
+      ref[static_cast<size_t>(i)] = static_cast<double>(dx);
+      tol[static_cast<size_t>(i)] =
+        tol_out(p.dtype, static_cast<double>(dx),
+                static_cast<double>((std::fabs(a) + std::fabs(b) + std::fabs(k)) * std::fabs(is * wc)));
+    });
+    std::vector<double> first;
+    for (int t : kThreads) {
+      SCOPED_TRACE("num_threads=" + std::to_string(t));
+      Buf dx(p.dtype, numel(g_));
+      dx.poison();
+      cpu::backward_elemt(dy_.data(), x_.data(), p.dtype, g_, mean_.data(), invstd_.data(),
+                          has_w ? w.data() : nullptr, p.param, sums.data(), &count, dx.data(), t);
+      expect_near_all("backward_elemt", dx.values(), ref, tol);
+      if (first.empty()) { first = dx.values(); } else { expect_near_all("dx vs 1 thread", dx.values(), first, tol); }
+    }
+  }
+}
+
+/// The whole training step of synchronised batch norm, on two replicas holding an uneven split
+/// of the batch (the first share may be empty): moments per share -> merge_moments -> finalize
+/// -> normalize per share; backward_reduce per share -> sums added (the all-reduce) ->
+/// backward_elemt per share with the merged count. Must equal one batch norm over the whole
+/// batch with the analytic gradient dx = w*invstd*(dy - mean(dy) - xhat*mean(dy*xhat)).
+TEST_P(CpuOps, TwoReplicaChainMatchesBatchNorm)
+{
+  const OpCase& p = GetParam();
+  const int64_t C = p.c, L = p.l, M = p.n * p.l, per = C * L, rec = 2 * C + 1;
+  const auto CC = static_cast<size_t>(C);
+  const int64_t share[2] = {p.n / 3, p.n - p.n / 3};
+  const double eps = 1e-5, momentum = 0.1;
+  const Buf w = random_uniform(p.param, C, rng_, 0.5, 1.5, true);
+  const Buf b = random_uniform(p.param, C, rng_, -1.0, 1.0);
+  const Buf rm0 = random_uniform(p.param, C, rng_, -1.0, 1.0);
+  const Buf rv0 = random_uniform(p.param, C, rng_, 0.5, 2.0);
+
+  // Reference batch norm over the whole batch, in long double.
+  std::vector<ld> is(CC), sdy(CC, 0.0L), sdxh(CC, 0.0L), ady(CC, 0.0L), adxh(CC, 0.0L);
+  for (size_t c = 0; c < CC; ++c) { is[c] = 1.0L / std::sqrt(ref_.m2[c] / static_cast<ld>(M) + static_cast<ld>(eps)); }
+  for_each_element(g_, [&](int64_t c, int64_t i) {
+    const auto cc = static_cast<size_t>(c);
+    const ld d = dy_.get(i), xh = (static_cast<ld>(x_.get(i)) - ref_.mean[cc]) * is[cc];
+    sdy[cc] += d;
+    ady[cc] += std::fabs(d);
+    sdxh[cc] += d * xh;
+    adxh[cc] += std::fabs(d * xh);
+  });
+  const double ra = rtol_acc(acc_), rp = std::max(rtol_out(p.param), ra);
+  const size_t E = static_cast<size_t>(numel(g_));
+  std::vector<double> y_ref(E), y_tol(E), dx_ref(E), dx_tol(E);
+  for_each_element(g_, [&](int64_t c, int64_t i) {
+    const auto cc = static_cast<size_t>(c);
+    const auto ii = static_cast<size_t>(i);
+    const ld wc = w.get(c), bc = b.get(c), x = x_.get(i), d = dy_.get(i), m = static_cast<ld>(M);
+    const ld xh = (x - ref_.mean[cc]) * is[cc];
+    // The kernels' mean and invstd carry accumulation-type error relative to the spread and
+    // magnitude of x, hence (|x - mean| + |mean|) * invstd as the scale of xhat.
+    const ld xs = (std::fabs(x - ref_.mean[cc]) + std::fabs(ref_.mean[cc])) * is[cc];
+    const ld y = xh * wc + bc;
+    y_ref[ii] = static_cast<double>(y);
+    y_tol[ii] = tol_out(p.dtype, static_cast<double>(y), static_cast<double>(xs * std::fabs(wc) + std::fabs(bc)));
+    const ld dx = wc * is[cc] * (d - sdy[cc] / m - xh * sdxh[cc] / m);
+    dx_ref[ii] = static_cast<double>(dx);
+    const ld dx_terms = std::fabs(wc * is[cc]) * (std::fabs(d) + std::fabs(sdy[cc] / m) + xs * std::fabs(sdxh[cc]) / m);
+    dx_tol[ii] = tol_out(p.dtype, static_cast<double>(dx), static_cast<double>(dx_terms));
+  });
+  std::vector<double> mean_ref(CC), mean_tol(CC), is_ref(CC), is_tol(CC), gw_ref(CC), gw_tol(CC), gb_ref(CC),
+    gb_tol(CC), rm_ref(CC), rm_tol(CC), rv_ref(CC), rv_tol(CC);
+  const std::vector<double> mtol = moments_tol(ref_, acc_);
+  for (size_t c = 0; c < CC; ++c) {
+    mean_ref[c] = static_cast<double>(ref_.mean[c]);
+    mean_tol[c] = mtol[1 + c];
+    is_ref[c] = static_cast<double>(is[c]);
+    is_tol[c] = ra * is_ref[c] + kTiny;
+    const double absmean = static_cast<double>(std::fabs(ref_.mean[c]));
+    const double sd = std::sqrt(static_cast<double>(ref_.m2[c]) / static_cast<double>(std::max<int64_t>(M, 1)));
+    gw_ref[c] = static_cast<double>(sdxh[c]);
+    gw_tol[c] = rp * (static_cast<double>(adxh[c]) + absmean * static_cast<double>(is[c] * ady[c])) + atol_out(p.param);
+    gb_ref[c] = static_cast<double>(sdy[c]);
+    gb_tol[c] = rp * static_cast<double>(ady[c]) + atol_out(p.param);
+    const auto ci = static_cast<int64_t>(c);
+    rm_ref[c] = (1.0 - momentum) * rm0.get(ci) + momentum * mean_ref[c];
+    rm_tol[c] = rp * (std::fabs((1.0 - momentum) * rm0.get(ci)) + momentum * (absmean + sd)) + atol_out(p.param);
+    const double unbiased = M > 1 ? static_cast<double>(ref_.m2[c] / static_cast<ld>(M - 1)) : 0.0;
+    rv_ref[c] = (1.0 - momentum) * rv0.get(ci) + momentum * unbiased;
+    rv_tol[c] = rp * (std::fabs((1.0 - momentum) * rv0.get(ci)) + momentum * unbiased) + atol_out(p.param);
+  }
+
+  for (int t : kThreads) {
+    SCOPED_TRACE("num_threads=" + std::to_string(t));
+    std::vector<double> records = nans(2 * rec), merged = nans(rec), mean = nans(C), invstd = nans(C);
+    std::vector<double> local = nans(2 * 2 * C), global(static_cast<size_t>(2 * C));
+    Buf rm = rm0, rv = rv0;
+    Buf y(p.dtype, numel(g_)), dx(p.dtype, numel(g_)), gw(p.param, 2 * C), gb(p.param, 2 * C);
+    y.poison();
+    dx.poison();
+    int64_t start = 0;
+    for (int r = 0; r < 2; ++r) {
+      const Geometry gr{share[r], C, L, p.layout};
+      cpu::moments(x_.ptr(start * per), p.dtype, gr, records.data() + r * rec, t);
+      start += share[r];
+    }
+    cpu::merge_moments(2, C, records.data(), merged.data());
+    ASSERT_EQ(merged[0], static_cast<double>(M));
+    // count == 1 would make the unbiased variance m2 / 0: no running stats then (as nn.BatchNorm).
+    cpu::finalize(C, merged.data(), eps, EpsMode::Plus, mean.data(), invstd.data(), M > 1 ? rm.data() : nullptr,
+                  M > 1 ? rv.data() : nullptr, p.param, momentum);
+    start = 0;
+    for (int r = 0; r < 2; ++r) {
+      const Geometry gr{share[r], C, L, p.layout};
+      cpu::normalize(x_.ptr(start * per), p.dtype, gr, mean.data(), invstd.data(), w.data(), b.data(), p.param,
+                     y.ptr(start * per), t);
+      cpu::backward_reduce(dy_.ptr(start * per), x_.ptr(start * per), p.dtype, gr, mean.data(), invstd.data(),
+                           local.data() + r * 2 * C, gw.ptr(r * C), gb.ptr(r * C), p.param, t);
+      start += share[r];
+    }
+    for (size_t i = 0; i < global.size(); ++i) { global[i] = local[i] + local[global.size() + i]; }  // the all-reduce
+    start = 0;
+    for (int r = 0; r < 2; ++r) {
+      const Geometry gr{share[r], C, L, p.layout};
+      cpu::backward_elemt(dy_.ptr(start * per), x_.ptr(start * per), p.dtype, gr, mean.data(), invstd.data(),
+                          w.data(), p.param, global.data(), &merged[0], dx.ptr(start * per), t);
+      start += share[r];
+    }
+    std::vector<double> gw_sum(CC), gb_sum(CC);
+    for (size_t c = 0; c < CC; ++c) {
+      const auto ci = static_cast<int64_t>(c);
+      gw_sum[c] = gw.get(ci) + gw.get(C + ci);
+      gb_sum[c] = gb.get(ci) + gb.get(C + ci);
+    }
+    expect_near_all("mean", mean, mean_ref, mean_tol);
+    expect_near_all("invstd", invstd, is_ref, is_tol);
+    expect_near_all("y", y.values(), y_ref, y_tol);
+    expect_near_all("dx", dx.values(), dx_ref, dx_tol);
+    expect_near_all("grad_weight (summed over replicas)", gw_sum, gw_ref, gw_tol);
+    expect_near_all("grad_bias (summed over replicas)", gb_sum, gb_ref, gb_tol);
+    if (M > 1) {
+      expect_near_all("running_mean", rm.values(), rm_ref, rm_tol);
+      expect_near_all("running_var", rv.values(), rv_ref, rv_tol);
+    }
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Shapes, CpuOps, ::testing::ValuesIn(op_cases()), op_case_name);
+
+// ---- empty inputs -------------------------------------------------------------------------------
+
+TEST(CpuOpsEmpty, ZeroCountGivesZeroMomentsAndSums)
+{
+  const std::vector<double> zero3(3, 0.0), zero6(6, 0.0), zero7(7, 0.0);
+  const std::vector<double> mean(3, 0.5), invstd(3, 2.0), no_sums(6, 0.0);
+  for (const auto& dp : all_combos()) {
+    const DType dt = dp[0], pt = dp[1];
+    for (Layout lay : {Layout::ChannelMajor, Layout::ChannelsLast}) {
+      for (const auto& s : std::vector<std::array<int64_t, 2>>{{0, 5}, {4, 0}}) {
+        const Geometry g{s[0], 3, s[1], lay};
+        SCOPED_TRACE(dtype_str(dt) + "/" + dtype_str(pt) + " N=" + std::to_string(g.n) + " L=" + std::to_string(g.l) +
+                     (lay == Layout::ChannelMajor ? " CM" : " CL"));
+        Buf x(dt, 1), dy(dt, 1), w(pt, 3), b(pt, 3);
+        w.fill(1.5);
+        b.fill(0.25);
+        for (int t : kThreads) {
+          std::vector<double> st = nans(7);
+          cpu::moments(x.data(), dt, g, st.data(), t);
+          expect_near_all("moments of nothing", st, zero7, zero7);
+          st = nans(7);
+          // x may be null when there is no element.
+          EXPECT_NO_THROW(cpu::moments(nullptr, dt, g, st.data(), t));
+          expect_near_all("moments of nothing (x null)", st, zero7, zero7);
+          std::vector<double> sum = nans(3);
+          cpu::sum_ft(x.data(), dt, g, sum.data(), t);
+          expect_near_all("sum_ft of nothing", sum, zero3, zero3);
+          EXPECT_NO_THROW(cpu::normalize(x.data(), dt, g, mean.data(), invstd.data(), w.data(), b.data(), pt, x.data(), t));
+          std::vector<double> sums = nans(6);
+          Buf gw(pt, 3), gb(pt, 3);
+          gw.poison();
+          gb.poison();
+          cpu::backward_reduce(dy.data(), x.data(), dt, g, mean.data(), invstd.data(), sums.data(), gw.data(),
+                               gb.data(), pt, t);
+          expect_near_all("backward_reduce of nothing", sums, zero6, zero6);
+          expect_near_all("grad_weight of nothing", gw.values(), zero3, zero3);
+          expect_near_all("grad_bias of nothing", gb.values(), zero3, zero3);
+          const double count = 0.0;
+          EXPECT_NO_THROW(cpu::backward_elemt(dy.data(), x.data(), dt, g, mean.data(), invstd.data(), w.data(), pt,
+                                              no_sums.data(), &count, x.data(), t));
+        }
+      }
+    }
+  }
+}
+
+TEST(CpuOpsEmpty, ZeroChannelsWritesOnlyTheCount)
+{
+  for (Layout lay : {Layout::ChannelMajor, Layout::ChannelsLast}) {
+    const Geometry g{4, 0, 3, lay};
+    Buf x(DType::Float32, 1);
+    std::vector<double> st = nans(1);
+    cpu::moments(x.data(), DType::Float32, g, st.data(), 2);
+    EXPECT_EQ(st[0], 12.0);
+    const std::vector<double> recs = {5.0, 7.0};
+    std::vector<double> merged = nans(1);
+    cpu::merge_moments(2, 0, recs.data(), merged.data());
+    EXPECT_EQ(merged[0], 12.0);
+  }
+}
+
+/// Backward on an empty local share (other replicas hold the batch): the local sums are zero
+/// and nothing is read from dy/x; the elemt has nothing to write.
+TEST(CpuOpsEmpty, EmptyShareContributesZeroSums)
+{
+  const Geometry g{0, 4, 7, Layout::ChannelsLast};
+  const std::vector<double> mean(4, 1.0), invstd(4, 1.0), global(8, 3.0);
+  std::vector<double> sums = nans(8);
+  cpu::backward_reduce(nullptr, nullptr, DType::Float64, g, mean.data(), invstd.data(), sums.data(), nullptr, nullptr,
+                       DType::Float64, 1);
+  expect_near_all("sums", sums, std::vector<double>(8, 0.0), std::vector<double>(8, 0.0));
+  const double count = 50.0;
+  EXPECT_NO_THROW(cpu::backward_elemt(nullptr, nullptr, DType::Float64, g, mean.data(), invstd.data(), nullptr,
+                                      DType::Float64, global.data(), &count, nullptr, 1));
+}
+
+// ---- merge_moments ------------------------------------------------------------------------------
+
+struct MergeCase {
+  const char* name;
+  int64_t c;
+  std::vector<int64_t> counts;
+  double offset;
+};
+
+std::ostream& operator<<(std::ostream& os, const MergeCase& m) { return os << m.name; }
+
+class MergeMoments : public ::testing::TestWithParam<MergeCase> {};
+
+TEST_P(MergeMoments, MatchesMomentsOfTheConcatenation)
+{
+  const MergeCase& p = GetParam();
+  const auto k = static_cast<int64_t>(p.counts.size());
+  const int64_t C = p.c, rec = 2 * C + 1;
+  std::mt19937 rng(4242u + static_cast<uint32_t>(k) * 31u + static_cast<uint32_t>(C));
+  std::normal_distribution<double> nd(0.0, 1.0);
+  std::uniform_real_distribution<double> shift(-2.0, 2.0);
+  // Each record summarises its own chunk of data (two-pass in long double); the reference is
+  // the two-pass moments of all chunks concatenated.
+  std::vector<double> records(static_cast<size_t>(k * rec));
+  std::vector<std::vector<ld>> all(static_cast<size_t>(C));
+  for (int64_t r = 0; r < k; ++r) {
+    const int64_t n = p.counts[static_cast<size_t>(r)];
+    double* rr = records.data() + r * rec;
+    rr[0] = static_cast<double>(n);
+    for (int64_t c = 0; c < C; ++c) {
+      const double mu = p.offset + shift(rng), sd = 0.5 + 0.1 * static_cast<double>(c % 7);
+      std::vector<ld> v(static_cast<size_t>(n));
+      ld s = 0.0L;
+      for (auto& e : v) {
+        e = mu + sd * nd(rng);
+        s += e;
+      }
+      const ld mean = n ? s / static_cast<ld>(n) : 0.0L;
+      ld m2 = 0.0L;
+      for (ld e : v) { m2 += (e - mean) * (e - mean); }
+      rr[1 + c] = static_cast<double>(mean);
+      rr[1 + C + c] = static_cast<double>(m2);
+      all[static_cast<size_t>(c)].insert(all[static_cast<size_t>(c)].end(), v.begin(), v.end());
+    }
+  }
+  RefStats cat;
+  for (int64_t n : p.counts) { cat.count += n; }
+  cat.mean.assign(static_cast<size_t>(C), 0.0L);
+  cat.m2.assign(static_cast<size_t>(C), 0.0L);
+  for (size_t c = 0; c < static_cast<size_t>(C); ++c) {
+    ld s = 0.0L;
+    for (ld e : all[c]) { s += e; }
+    cat.mean[c] = cat.count ? s / static_cast<ld>(cat.count) : 0.0L;
+    for (ld e : all[c]) { cat.m2[c] += (e - cat.mean[c]) * (e - cat.mean[c]); }
+  }
+  std::vector<double> out = nans(rec);
+  cpu::merge_moments(k, C, records.data(), out.data());
+  EXPECT_EQ(out[0], static_cast<double>(cat.count));
+  expect_near_all("merge vs concatenation", out, moments_ref(cat), moments_tol(cat, DType::Float64));
+}
+
+std::vector<MergeCase> merge_cases()
+{
+  std::vector<int64_t> many(64);
+  std::mt19937 rng(7u);
+  std::uniform_int_distribution<int64_t> cnt(0, 40);
+  for (auto& n : many) { n = cnt(rng) < 8 ? 0 : cnt(rng); }
+  return {{"uneven_with_empty", 3, {5, 0, 17, 1, 0, 100}, 0.0},
+          {"k1", 5, {42}, 1.5},
+          {"k1_empty", 2, {0}, 0.0},
+          {"all_empty", 2, {0, 0, 0}, 0.0},
+          {"leading_empty", 4, {0, 9}, -3.0},
+          {"singletons", 4, {1, 1, 1, 1, 1, 1, 1}, 0.5},
+          {"very_uneven", 2, {100000, 3}, 2.0},
+          {"offset_1e4", 3, {300, 0, 1000, 7}, 1e4},
+          {"offset_1e6", 3, {300, 0, 1000, 7}, 1e6},
+          {"many_records", 33, many, 1.0},
+          {"wide", 4097, {3, 0, 2}, 0.0}};
+}
+
+INSTANTIATE_TEST_SUITE_P(Records, MergeMoments, ::testing::ValuesIn(merge_cases()),
+                         [](const ::testing::TestParamInfo<MergeCase>& i) { return std::string(i.param.name); });
+
+TEST(MergeMomentsEdge, SingleRecordIsReproduced)
+{
+  const std::vector<double> in = {9.0, 1.25, -3.5, 1e4 + 0.1, 2.5, 0.0, 123.75};
+  std::vector<double> out = nans(7), tol(7);
+  cpu::merge_moments(1, 3, in.data(), out.data());
+  for (size_t i = 0; i < 7; ++i) { tol[i] = 2.0 * unit_roundoff(DType::Float64) * std::fabs(in[i]); }
+  expect_near_all("k = 1", out, in, tol);
+}
+
+/// A count-0 record contributes nothing, whatever its mean and m2 slots hold.
+TEST(MergeMomentsEdge, ZeroCountRecordContributesNothing)
+{
+  const std::vector<double> in = {0.0, 123.0, 456.0, 4.0, 2.0, 8.0};
+  std::vector<double> out = nans(3);
+  cpu::merge_moments(2, 1, in.data(), out.data());
+  expect_near_all("zero-count record", out, {4.0, 2.0, 8.0}, {0.0, 1e-15, 1e-14});
+}
+
+// ---- finalize -----------------------------------------------------------------------------------
+
+struct FinalizeCase {
+  DType param;
+  EpsMode mode;
+  int64_t c;
+};
+
+std::ostream& operator<<(std::ostream& os, const FinalizeCase& f)
+{
+  return os << "param " << dtype_str(f.param) << "/" << (f.mode == EpsMode::Plus ? "Plus" : "Clamp") << "/C=" << f.c;
+}
+
+class Finalize : public ::testing::TestWithParam<FinalizeCase> {
+ protected:
+  /// A moments record whose channels cycle through var = 0, eps/2, eps, 2 eps and O(1) values,
+  /// so that Plus and Clamp give clearly different invstd.
+  std::vector<double> make_record(double count, double eps, std::mt19937& rng) const
+  {
+    const int64_t C = GetParam().c;
+    std::vector<double> st(static_cast<size_t>(2 * C + 1));
+    std::uniform_real_distribution<double> mean(-5.0, 5.0), var(0.01, 4.0);
+    st[0] = count;
+    for (int64_t c = 0; c < C; ++c) {
+      double v = 0.0;
+      switch (c % 5) {
+        case 0: v = 0.0; break;
+        case 1: v = eps / 2; break;
+        case 2: v = eps; break;
+        case 3: v = 2 * eps; break;
+        default: v = var(rng); break;
+      }
+      st[static_cast<size_t>(1 + c)] = count > 0 ? mean(rng) + (c % 3 == 0 ? 100.0 : 0.0) : 0.0;
+      st[static_cast<size_t>(1 + C + c)] = count > 0 ? v * count : 0.0;
+    }
+    return st;
+  }
+
+  double ref_invstd(double var, double eps) const
+  {
+    const ld v = GetParam().mode == EpsMode::Plus ? static_cast<ld>(var) + eps : std::max<ld>(var, eps);
+    return static_cast<double>(1.0L / std::sqrt(v));
+  }
+};
+
+TEST_P(Finalize, InvstdAndRunningStats)
+{
+  const FinalizeCase& p = GetParam();
+  const auto C = static_cast<size_t>(p.c);
+  std::mt19937 rng(99u + static_cast<uint32_t>(p.c) + 7u * static_cast<uint32_t>(p.param) +
+                   3u * static_cast<uint32_t>(p.mode));
+  const double rd = 1e-13;  // finalize works in float64
+  for (double count : {2.0, 37.0, 100000.0}) {
+    for (double eps : {1e-5, 1e-3}) {
+      for (double factor : {0.1, 1.0, 1.0 / 3.0}) {
+        SCOPED_TRACE("count=" + std::to_string(count) + " eps=" + std::to_string(eps) + " factor=" + std::to_string(factor));
+        const std::vector<double> st = make_record(count, eps, rng);
+        const Buf rm0 = random_uniform(p.param, p.c, rng, -2.0, 2.0), rv0 = random_uniform(p.param, p.c, rng, 0.1, 3.0);
+        std::vector<double> mean_ref(C), mean_tol(C, 0.0), is_ref(C), is_tol(C), rm_ref(C), rm_tol(C), rv_ref(C), rv_tol(C);
+        for (size_t c = 0; c < C; ++c) {
+          const auto ci = static_cast<int64_t>(c);
+          const double m = st[1 + c], m2 = st[1 + C + c];
+          mean_ref[c] = m;
+          is_ref[c] = ref_invstd(m2 / count, eps);
+          is_tol[c] = rd * is_ref[c];
+          rm_ref[c] = static_cast<double>((1.0L - factor) * rm0.get(ci) + static_cast<ld>(factor) * m);
+          rm_tol[c] = tol_out(p.param, rm_ref[c], std::fabs((1.0 - factor) * rm0.get(ci)) + std::fabs(factor * m)) +
+                      rd * std::fabs(rm_ref[c]);
+          const ld unbiased = static_cast<ld>(m2) / (count - 1.0);
+          rv_ref[c] = static_cast<double>((1.0L - factor) * rv0.get(ci) + static_cast<ld>(factor) * unbiased);
+          rv_tol[c] = tol_out(p.param, rv_ref[c], std::fabs(rv_ref[c])) + rd * std::fabs(rv_ref[c]);
+        }
+        std::vector<double> mean = nans(p.c), invstd = nans(p.c);
+        Buf rm = rm0, rv = rv0;
+        cpu::finalize(p.c, st.data(), eps, p.mode, mean.data(), invstd.data(), rm.data(), rv.data(), p.param, factor);
+        expect_near_all("mean", mean, mean_ref, mean_tol);
+        expect_near_all("invstd", invstd, is_ref, is_tol);
+        expect_near_all("running_mean", rm.values(), rm_ref, rm_tol);
+        expect_near_all("running_var", rv.values(), rv_ref, rv_tol);
+
+        // Same without running stats.
+        mean = nans(p.c);
+        invstd = nans(p.c);
+        cpu::finalize(p.c, st.data(), eps, p.mode, mean.data(), invstd.data(), nullptr, nullptr, p.param, factor);
+        expect_near_all("mean (no running stats)", mean, mean_ref, mean_tol);
+        expect_near_all("invstd (no running stats)", invstd, is_ref, is_tol);
+      }
+    }
+  }
+}
+
+TEST_P(Finalize, ZeroCountLeavesRunningStatsUntouched)
+{
+  const FinalizeCase& p = GetParam();
+  std::mt19937 rng(5u);
+  const double eps = 1e-5;
+  const std::vector<double> st = make_record(0.0, eps, rng);
+  const Buf rm0 = random_uniform(p.param, p.c, rng, -2.0, 2.0), rv0 = random_uniform(p.param, p.c, rng, 0.1, 3.0);
+  std::vector<double> mean = nans(p.c), invstd = nans(p.c);
+  Buf rm = rm0, rv = rv0;
+  cpu::finalize(p.c, st.data(), eps, p.mode, mean.data(), invstd.data(), rm.data(), rv.data(), p.param, 0.1);
+  const std::vector<double> zero(static_cast<size_t>(p.c), 0.0);
+  expect_near_all("mean", mean, zero, zero);
+  // var = 0: both modes give 1/sqrt(eps).
+  expect_near_all("invstd", invstd, std::vector<double>(zero.size(), 1.0 / std::sqrt(eps)),
+                  std::vector<double>(zero.size(), 1e-13 / std::sqrt(eps)));
+  expect_near_all("running_mean untouched", rm.values(), rm0.values(), zero);
+  expect_near_all("running_var untouched", rv.values(), rv0.values(), zero);
+}
+
+std::vector<FinalizeCase> finalize_cases()
+{
+  std::vector<FinalizeCase> out;
+  for (DType pt : {DType::Float32, DType::Float64, DType::Float16, DType::BFloat16}) {
+    for (EpsMode m : {EpsMode::Plus, EpsMode::Clamp}) {
+      for (int64_t c : {1, 7, 4097}) { out.push_back({pt, m, c}); }
+    }
+  }
+  return out;
+}
+
+INSTANTIATE_TEST_SUITE_P(Modes, Finalize, ::testing::ValuesIn(finalize_cases()),
+                         [](const ::testing::TestParamInfo<FinalizeCase>& i) {
+                           return "p" + dtype_str(i.param.param) + (i.param.mode == EpsMode::Plus ? "_Plus_" : "_Clamp_") +
+                                  std::to_string(i.param.c);
+                         });
+
+// ---- large offsets ------------------------------------------------------------------------------
+
+struct OffsetCase {
+  DType dtype;
+  Layout layout;
+};
+
+std::ostream& operator<<(std::ostream& os, const OffsetCase& o)
+{
+  return os << dtype_str(o.dtype) << (o.layout == Layout::ChannelMajor ? "/ChannelMajor" : "/ChannelsLast");
+}
+
+class LargeOffset : public ::testing::TestWithParam<OffsetCase> {};
+
+/// x = offset + N(0, 1) with shape (32, 64, 28, 28): float32 at 1e4, float64 at 1e6. Raw sum and
+/// sum-of-squares would lose the variance entirely; the two-pass/Chan scheme must keep it, also
+/// through two uneven shares and merge_moments, and the elementwise ops must keep the digits
+/// of x - mean.
+TEST_P(LargeOffset, VarianceAndOutputsKeepTheirDigits)
+{
+  const OffsetCase& p = GetParam();
+  const bool f64 = p.dtype == DType::Float64;
+  const double offset = f64 ? 1e6 : 1e4, rvar = f64 ? 1e-9 : 1e-5;
+  const Geometry g{32, 64, 28 * 28, p.layout};
+  const int64_t C = g.c, rec = 2 * C + 1;
+  std::mt19937 rng(2024u + static_cast<uint32_t>(p.layout));
+  const Buf x = random_input(p.dtype, g, rng, std::vector<double>(64, offset), std::vector<double>(64, 1.0));
+  const RefStats ref = ref_stats(x, g);
+  std::vector<double> var_ref(64), var_tol(64), mean_ref(64), mean_tol(64);
+  for (size_t c = 0; c < 64; ++c) {
+    var_ref[c] = static_cast<double>(ref.m2[c] / static_cast<ld>(ref.count));
+    var_tol[c] = rvar * var_ref[c];
+    mean_ref[c] = static_cast<double>(ref.mean[c]);
+    mean_tol[c] = rvar;  // relative to the standard deviation (1)
+  }
+  auto check = [&](const std::vector<double>& st, const std::string& what) {
+    std::vector<double> var(64), mean(64);
+    for (size_t c = 0; c < 64; ++c) {
+      mean[c] = st[1 + c];
+      var[c] = st[1 + 64 + c] / st[0];
+    }
+    expect_near_all(what + " mean", mean, mean_ref, mean_tol);
+    expect_near_all(what + " variance", var, var_ref, var_tol);
+  };
+  for (int t : {1, 2}) {
+    SCOPED_TRACE("num_threads=" + std::to_string(t));
+    std::vector<double> st = nans(rec);
+    cpu::moments(x.data(), p.dtype, g, st.data(), t);
+    EXPECT_EQ(st[0], 32.0 * 784.0);
+    check(st, "moments");
+  }
+  const int64_t per = C * g.l, n0 = 11;
+  std::vector<double> recs = nans(2 * rec), merged = nans(rec);
+  Buf xs = x;
+  cpu::moments(xs.ptr(0), p.dtype, Geometry{n0, C, g.l, p.layout}, recs.data(), 2);
+  cpu::moments(xs.ptr(n0 * per), p.dtype, Geometry{g.n - n0, C, g.l, p.layout}, recs.data() + rec, 2);
+  cpu::merge_moments(2, C, recs.data(), merged.data());
+  check(merged, "merged shares");
+
+  // normalize at the offset: (x - mean) * invstd * w + b, exactly as the contract writes it.
+  const double ro = rtol_out(p.dtype);
+  std::vector<double> invstd(64);
+  Buf w(p.dtype, C), b(p.dtype, C), y(p.dtype, numel(g));
+  for (int64_t c = 0; c < C; ++c) {
+    invstd[static_cast<size_t>(c)] = 1.0 / std::sqrt(var_ref[static_cast<size_t>(c)] + 1e-5);
+    w.set(c, 0.5 + 0.01 * static_cast<double>(c));
+    b.set(c, -0.25);
+  }
+  y.poison();
+  cpu::normalize(x.data(), p.dtype, g, mean_ref.data(), invstd.data(), w.data(), b.data(), p.dtype, y.data(), 2);
+  std::vector<double> y_ref(static_cast<size_t>(numel(g))), y_tol(y_ref.size());
+  for_each_element(g, [&](int64_t c, int64_t i) {
+    const auto cc = static_cast<size_t>(c);
+    const ld s = static_cast<ld>(invstd[cc]) * w.get(c);
+    const ld v = (static_cast<ld>(x.get(i)) - mean_ref[cc]) * s + b.get(c);
+    y_ref[static_cast<size_t>(i)] = static_cast<double>(v);
+    y_tol[static_cast<size_t>(i)] =
+      ro * static_cast<double>(std::fabs(v) + std::fabs(v - b.get(c)) + std::fabs(b.get(c))) + kTiny;
+  });
+  expect_near_all("normalize at offset", y.values(), y_ref, y_tol);
+
+  // backward_elemt at the offset, with the sums of the data and the full count.
+  const Buf dy = random_input(p.dtype, g, rng, std::vector<double>(64, 0.0), std::vector<double>(64, 1.0));
+  std::vector<ld> sdy(64, 0.0L), sdx(64, 0.0L);
+  for_each_element(g, [&](int64_t c, int64_t i) {
+    const auto cc = static_cast<size_t>(c);
+    sdy[cc] += dy.get(i);
+    sdx[cc] += static_cast<ld>(dy.get(i)) * (static_cast<ld>(x.get(i)) - mean_ref[cc]);
+  });
+  std::vector<double> sums(128);
+  for (size_t c = 0; c < 64; ++c) {
+    sums[c] = static_cast<double>(sdy[c]);
+    sums[64 + c] = static_cast<double>(sdx[c]);
+  }
+  const double count = static_cast<double>(ref.count);
+  Buf dx(p.dtype, numel(g));
+  dx.poison();
+  cpu::backward_elemt(dy.data(), x.data(), p.dtype, g, mean_ref.data(), invstd.data(), w.data(), p.dtype, sums.data(),
+                      &count, dx.data(), 2);
+  std::vector<double> dx_ref(y_ref.size()), dx_tol(y_ref.size());
+  for_each_element(g, [&](int64_t c, int64_t i) {
+    const auto cc = static_cast<size_t>(c);
+    const ld is = invstd[cc], wc = w.get(c), a = dy.get(i), bb = static_cast<ld>(sums[cc]) / count;
+    const ld k = (static_cast<ld>(x.get(i)) - mean_ref[cc]) * is * is * static_cast<ld>(sums[64 + cc]) / count;
+    const ld v = (a - bb - k) * is * wc;
+    dx_ref[static_cast<size_t>(i)] = static_cast<double>(v);
+    dx_tol[static_cast<size_t>(i)] =
+      ro * static_cast<double>(std::fabs(v) + (std::fabs(a) + std::fabs(bb) + std::fabs(k)) * std::fabs(is * wc)) + kTiny;
+  });
+  expect_near_all("backward_elemt at offset", dx.values(), dx_ref, dx_tol);
+}
+
+INSTANTIATE_TEST_SUITE_P(Shapes, LargeOffset,
+                         ::testing::Values(OffsetCase{DType::Float32, Layout::ChannelMajor},
+                                           OffsetCase{DType::Float32, Layout::ChannelsLast},
+                                           OffsetCase{DType::Float64, Layout::ChannelMajor},
+                                           OffsetCase{DType::Float64, Layout::ChannelsLast}),
+                         [](const ::testing::TestParamInfo<OffsetCase>& i) {
+                           return dtype_str(i.param.dtype) + (i.param.layout == Layout::ChannelMajor ? "_CM" : "_CL");
+                         });
+
+/// A constant channel has variance 0: m2 must come out (essentially) zero and never negative.
+TEST(Moments, ConstantInputHasNoNegativeVariance)
+{
+  for (DType dt : {DType::Float32, DType::Float64, DType::Float16, DType::BFloat16}) {
+    for (Layout lay : {Layout::ChannelMajor, Layout::ChannelsLast}) {
+      const Geometry g{17, 3, 1001, lay};
+      Buf x(dt, numel(g));
+      for_each_element(g, [&](int64_t c, int64_t i) { x.set(i, c == 0 ? 1e4 + 0.1 : (c == 1 ? -3.3 : 0.7)); });
+      for (int t : kThreads) {
+        std::vector<double> st = nans(7);
+        cpu::moments(x.data(), dt, g, st.data(), t);
+        for (int64_t c = 0; c < 3; ++c) {
+          const double m = x.get(offset_of(g, 0, c, 0));
+          const double u = unit_roundoff(pysbn::acc_dtype(dt));
+          const auto cc = static_cast<size_t>(c);
+          EXPECT_NEAR(st[1 + cc], m, 4 * u * std::fabs(m)) << dtype_str(dt) << " c=" << c;
+          EXPECT_GE(st[4 + cc], 0.0) << dtype_str(dt) << " c=" << c;
+          EXPECT_LE(st[4 + cc] / st[0], 16 * (u * m) * (u * m)) << dtype_str(dt) << " c=" << c;
+        }
+      }
+    }
+  }
+}
+
+// ---- the conversions of this file ---------------------------------------------------------------
+
+TEST(TestHelpers, HalfAndBfloat16Conversions)
+{
+  EXPECT_EQ(float_to_half(1.0f), 0x3c00);
+  EXPECT_EQ(float_to_half(-2.0f), 0xc000);
+  EXPECT_EQ(float_to_half(65504.0f), 0x7bff);
+  EXPECT_EQ(float_to_half(65519.0f), 0x7bff);
+  EXPECT_EQ(float_to_half(65520.0f), 0x7c00);
+  EXPECT_EQ(float_to_half(0x1p-24f), 0x0001);
+  EXPECT_EQ(float_to_half(0x1p-25f), 0x0000);           // tie to even (0)
+  EXPECT_EQ(float_to_half(0x1.8p-24f), 0x0002);         // tie to even (2)
+  EXPECT_EQ(float_to_half(0.1f), 0x2e66);
+  EXPECT_EQ(float_to_half(1.0f + 0x1p-11f), 0x3c00);    // tie to even (down)
+  EXPECT_EQ(float_to_half(1.0f + 0x1.8p-10f), 0x3c02);  // tie to even (up)
+  EXPECT_EQ(half_to_float(0x3555), 0x1.554p-2f);
+  for (uint32_t h = 0; h < 0x10000u; ++h) {
+    const auto hh = static_cast<uint16_t>(h);
+    if ((hh & 0x7c00u) == 0x7c00u && (hh & 0x3ffu)) { continue; }  // NaN payloads
+    ASSERT_EQ(float_to_half(half_to_float(hh)), hh) << std::hex << h;
+    ASSERT_EQ(float_to_bf16(bf16_to_float(hh)), hh) << std::hex << h;
+  }
+  EXPECT_EQ(float_to_bf16(1.0f), 0x3f80);
+  EXPECT_EQ(float_to_bf16(1.0f + 0x1p-8f), 0x3f80);     // tie to even (down)
+  EXPECT_EQ(float_to_bf16(1.0f + 0x1.8p-7f), 0x3f82);   // tie to even (up)
+  EXPECT_EQ(float_to_bf16(3.0e38f), 0x7f62);
+  EXPECT_TRUE(std::isnan(half_to_float(float_to_half(std::nanf("")))));
+  EXPECT_TRUE(std::isnan(bf16_to_float(float_to_bf16(std::nanf("")))));
+}
+
+// ---- argument errors ----------------------------------------------------------------------------
+
+/// True when `msg` mentions `word` as a whole identifier.
+bool names(const std::string& msg, const std::string& word)
+{
+  auto ident = [](char ch) { return std::isalnum(static_cast<unsigned char>(ch)) || ch == '_'; };
+  for (size_t pos = msg.find(word); pos != std::string::npos; pos = msg.find(word, pos + 1)) {
+    const bool left = pos == 0 || !ident(msg[pos - 1]);
+    const bool right = pos + word.size() >= msg.size() || !ident(msg[pos + word.size()]);
+    if (left && right) { return true; }
+  }
+  return false;
+}
+
+template <class F>
+void expect_invalid(const std::string& what, std::initializer_list<const char*> words, F&& f)
+{
+  try {
+    f();
+    ADD_FAILURE() << what << ": expected std::invalid_argument, nothing thrown";
+  } catch (const std::invalid_argument& e) {
+    bool ok = false;
+    for (const char* w : words) { ok = ok || names(e.what(), w); }
+    EXPECT_TRUE(ok) << what << ": message does not name the argument: " << e.what();
+  } catch (const std::exception& e) {
+    ADD_FAILURE() << what << ": expected std::invalid_argument, got another exception: " << e.what();
+  }
+}
+
+class Errors : public ::testing::Test {
+ protected:
+  static constexpr int64_t C = 3;
+  const Geometry g{2, C, 4, Layout::ChannelMajor};
+  const DType f = DType::Float32;
+  Buf x{DType::Float32, 24}, dy{DType::Float32, 24}, out{DType::Float32, 24};
+  Buf w{DType::Float32, C}, b{DType::Float32, C};
+  std::vector<double> st = std::vector<double>(2 * C + 1, 0.0), mean = std::vector<double>(C, 0.0),
+                      invstd = std::vector<double>(C, 1.0), sums = std::vector<double>(2 * C, 0.0),
+                      sum_out = std::vector<double>(C, 0.0);
+  double cnt = 8.0;
+
+  void SetUp() override { st[0] = 8.0; }
+};
+
+TEST_F(Errors, NullPointersAreNamed)
+{
+  expect_invalid("sum_ft x", {"x"}, [&] { cpu::sum_ft(nullptr, f, g, sum_out.data(), 1); });
+  expect_invalid("sum_ft out", {"out"}, [&] { cpu::sum_ft(x.data(), f, g, nullptr, 1); });
+  expect_invalid("moments x", {"x"}, [&] { cpu::moments(nullptr, f, g, st.data(), 1); });
+  expect_invalid("moments stats", {"stats"}, [&] { cpu::moments(x.data(), f, g, nullptr, 1); });
+  expect_invalid("normalize x", {"x"}, [&] {
+    cpu::normalize(nullptr, f, g, mean.data(), invstd.data(), w.data(), b.data(), f, out.data(), 1);
+  });
+  expect_invalid("normalize mean", {"mean"}, [&] {
+    cpu::normalize(x.data(), f, g, nullptr, invstd.data(), w.data(), b.data(), f, out.data(), 1);
+  });
+  expect_invalid("normalize invstd", {"invstd"}, [&] {
+    cpu::normalize(x.data(), f, g, mean.data(), nullptr, w.data(), b.data(), f, out.data(), 1);
+  });
+  expect_invalid("normalize y", {"y"}, [&] {
+    cpu::normalize(x.data(), f, g, mean.data(), invstd.data(), w.data(), b.data(), f, nullptr, 1);
+  });
+  expect_invalid("backward_reduce dy", {"dy"}, [&] {
+    cpu::backward_reduce(nullptr, x.data(), f, g, mean.data(), invstd.data(), sums.data(), nullptr, nullptr, f, 1);
+  });
+  expect_invalid("backward_reduce x", {"x"}, [&] {
+    cpu::backward_reduce(dy.data(), nullptr, f, g, mean.data(), invstd.data(), sums.data(), nullptr, nullptr, f, 1);
+  });
+  expect_invalid("backward_reduce mean", {"mean"}, [&] {
+    cpu::backward_reduce(dy.data(), x.data(), f, g, nullptr, invstd.data(), sums.data(), nullptr, nullptr, f, 1);
+  });
+  expect_invalid("backward_reduce invstd (grad_weight wanted)", {"invstd"}, [&] {
+    cpu::backward_reduce(dy.data(), x.data(), f, g, mean.data(), nullptr, sums.data(), w.data(), nullptr, f, 1);
+  });
+  expect_invalid("backward_reduce sums", {"sums"}, [&] {
+    cpu::backward_reduce(dy.data(), x.data(), f, g, mean.data(), invstd.data(), nullptr, nullptr, nullptr, f, 1);
+  });
+  expect_invalid("backward_elemt dy", {"dy"}, [&] {
+    cpu::backward_elemt(nullptr, x.data(), f, g, mean.data(), invstd.data(), w.data(), f, sums.data(), &cnt, out.data(), 1);
+  });
+  expect_invalid("backward_elemt x", {"x"}, [&] {
+    cpu::backward_elemt(dy.data(), nullptr, f, g, mean.data(), invstd.data(), w.data(), f, sums.data(), &cnt, out.data(), 1);
+  });
+  expect_invalid("backward_elemt mean", {"mean"}, [&] {
+    cpu::backward_elemt(dy.data(), x.data(), f, g, nullptr, invstd.data(), w.data(), f, sums.data(), &cnt, out.data(), 1);
+  });
+  expect_invalid("backward_elemt invstd", {"invstd"}, [&] {
+    cpu::backward_elemt(dy.data(), x.data(), f, g, mean.data(), nullptr, w.data(), f, sums.data(), &cnt, out.data(), 1);
+  });
+  expect_invalid("backward_elemt sums", {"sums"}, [&] {
+    cpu::backward_elemt(dy.data(), x.data(), f, g, mean.data(), invstd.data(), w.data(), f, nullptr, &cnt, out.data(), 1);
+  });
+  expect_invalid("backward_elemt count", {"count"}, [&] {
+    cpu::backward_elemt(dy.data(), x.data(), f, g, mean.data(), invstd.data(), w.data(), f, sums.data(), nullptr,
+                        out.data(), 1);
+  });
+  expect_invalid("backward_elemt dx", {"dx"}, [&] {
+    cpu::backward_elemt(dy.data(), x.data(), f, g, mean.data(), invstd.data(), w.data(), f, sums.data(), &cnt, nullptr, 1);
+  });
+}
+
+TEST_F(Errors, BadGeometryDtypeLayoutAndThreads)
+{
+  for (int which = 0; which < 3; ++which) {
+    Geometry bad = g;
+    (which == 0 ? bad.n : which == 1 ? bad.c : bad.l) = -1;
+    const std::string tag = std::string(" (negative ") + "NCL"[which] + ")";
+    // The argument is the geometry; a message naming it or the offending extent will do.
+    auto named = [&](const char* what, auto fn) {
+      expect_invalid(what + tag, {"geometry", "g", "N", "C", "L", "n", "c", "l"}, fn);
+    };
+    named("sum_ft", [&] { cpu::sum_ft(x.data(), f, bad, sum_out.data(), 1); });
+    named("moments", [&] { cpu::moments(x.data(), f, bad, st.data(), 1); });
+    named("normalize", [&] {
+      cpu::normalize(x.data(), f, bad, mean.data(), invstd.data(), w.data(), b.data(), f, out.data(), 1);
+    });
+    named("backward_reduce", [&] {
+      cpu::backward_reduce(dy.data(), x.data(), f, bad, mean.data(), invstd.data(), sums.data(), nullptr, nullptr, f, 1);
+    });
+    named("backward_elemt", [&] {
+      cpu::backward_elemt(dy.data(), x.data(), f, bad, mean.data(), invstd.data(), w.data(), f, sums.data(), &cnt,
+                          out.data(), 1);
+    });
+  }
+  const auto bad_dtype = static_cast<DType>(7);
+  expect_invalid("moments dtype", {"dtype"}, [&] { cpu::moments(x.data(), bad_dtype, g, st.data(), 1); });
+  expect_invalid("sum_ft dtype", {"dtype"}, [&] { cpu::sum_ft(x.data(), bad_dtype, g, sum_out.data(), 1); });
+  expect_invalid("normalize dtype", {"dtype"}, [&] {
+    cpu::normalize(x.data(), bad_dtype, g, mean.data(), invstd.data(), nullptr, nullptr, bad_dtype, out.data(), 1);
+  });
+  Geometry bad_layout = g;
+  bad_layout.layout = static_cast<Layout>(5);
+  expect_invalid("moments layout", {"layout"}, [&] { cpu::moments(x.data(), f, bad_layout, st.data(), 1); });
+  expect_invalid("normalize layout", {"layout"}, [&] {
+    cpu::normalize(x.data(), f, bad_layout, mean.data(), invstd.data(), w.data(), b.data(), f, out.data(), 1);
+  });
+  for (int t : {0, -1}) {
+    const std::string tag = " num_threads=" + std::to_string(t);
+    expect_invalid("sum_ft" + tag, {"num_threads"}, [&] { cpu::sum_ft(x.data(), f, g, sum_out.data(), t); });
+    expect_invalid("moments" + tag, {"num_threads"}, [&] { cpu::moments(x.data(), f, g, st.data(), t); });
+    expect_invalid("normalize" + tag, {"num_threads"}, [&] {
+      cpu::normalize(x.data(), f, g, mean.data(), invstd.data(), w.data(), b.data(), f, out.data(), t);
+    });
+    expect_invalid("backward_reduce" + tag, {"num_threads"}, [&] {
+      cpu::backward_reduce(dy.data(), x.data(), f, g, mean.data(), invstd.data(), sums.data(), nullptr, nullptr, f, t);
+    });
+    expect_invalid("backward_elemt" + tag, {"num_threads"}, [&] {
+      cpu::backward_elemt(dy.data(), x.data(), f, g, mean.data(), invstd.data(), w.data(), f, sums.data(), &cnt,
+                          out.data(), t);
+    });
+  }
+}
+
+TEST_F(Errors, BadParamDtype)
+{
+  // (input dtype, param dtype) pairs outside "equal, or float32 for float16/bfloat16 input".
+  const std::vector<std::array<DType, 2>> bad = {{DType::Float32, DType::Float64},
+                                                 {DType::Float64, DType::Float32},
+                                                 {DType::Float32, DType::Float16},
+                                                 {DType::Float16, DType::BFloat16},
+                                                 {DType::BFloat16, DType::Float16},
+                                                 {DType::Float16, DType::Float64},
+                                                 {DType::Float32, static_cast<DType>(9)}};
+  for (const auto& dp : bad) {
+    const DType dt = dp[0], pt = dp[1];
+    const std::string tag = " " + dtype_str(dt) + "/" + dtype_str(pt);
+    Buf xx(dt, 24), dd(dt, 24), yy(dt, 24), pw(DType::Float64, C), pb(DType::Float64, C);
+    expect_invalid("normalize" + tag, {"param_dtype"}, [&] {
+      cpu::normalize(xx.data(), dt, g, mean.data(), invstd.data(), pw.data(), pb.data(), pt, yy.data(), 1);
+    });
+    expect_invalid("backward_reduce" + tag, {"param_dtype"}, [&] {
+      cpu::backward_reduce(dd.data(), xx.data(), dt, g, mean.data(), invstd.data(), sums.data(), pw.data(), pb.data(), pt, 1);
+    });
+    expect_invalid("backward_elemt" + tag, {"param_dtype"}, [&] {
+      cpu::backward_elemt(dd.data(), xx.data(), dt, g, mean.data(), invstd.data(), pw.data(), pt, sums.data(), &cnt,
+                          yy.data(), 1);
+    });
+  }
+}
+
+TEST_F(Errors, MergeAndFinalizeArguments)
+{
+  std::vector<double> recs(2 * (2 * C + 1), 0.0), merged(2 * C + 1, 0.0);
+  expect_invalid("merge_moments k < 0", {"k"}, [&] { cpu::merge_moments(-1, C, recs.data(), merged.data()); });
+  expect_invalid("merge_moments c < 0", {"c", "C"}, [&] { cpu::merge_moments(2, -1, recs.data(), merged.data()); });
+  expect_invalid("merge_moments records", {"records"}, [&] { cpu::merge_moments(2, C, nullptr, merged.data()); });
+  expect_invalid("merge_moments out", {"out"}, [&] { cpu::merge_moments(2, C, recs.data(), nullptr); });
+  recs[2 * C + 1] = -1.0;  // the second record's count
+  expect_invalid("merge_moments negative count", {"count"}, [&] { cpu::merge_moments(2, C, recs.data(), merged.data()); });
+
+  Buf rm(DType::Float32, C), rv(DType::Float32, C);
+  expect_invalid("finalize c < 0", {"c", "C"}, [&] {
+    cpu::finalize(-1, st.data(), 1e-5, EpsMode::Plus, mean.data(), invstd.data(), nullptr, nullptr, f, 0.1);
+  });
+  expect_invalid("finalize stats", {"stats"}, [&] {
+    cpu::finalize(C, nullptr, 1e-5, EpsMode::Plus, mean.data(), invstd.data(), nullptr, nullptr, f, 0.1);
+  });
+  expect_invalid("finalize mean", {"mean"}, [&] {
+    cpu::finalize(C, st.data(), 1e-5, EpsMode::Plus, nullptr, invstd.data(), nullptr, nullptr, f, 0.1);
+  });
+  expect_invalid("finalize invstd", {"invstd"}, [&] {
+    cpu::finalize(C, st.data(), 1e-5, EpsMode::Plus, mean.data(), nullptr, nullptr, nullptr, f, 0.1);
+  });
+  expect_invalid("finalize mode", {"mode"}, [&] {
+    cpu::finalize(C, st.data(), 1e-5, static_cast<EpsMode>(7), mean.data(), invstd.data(), nullptr, nullptr, f, 0.1);
+  });
+  expect_invalid("finalize param_dtype", {"param_dtype"}, [&] {
+    cpu::finalize(C, st.data(), 1e-5, EpsMode::Plus, mean.data(), invstd.data(), rm.data(), rv.data(),
+                  static_cast<DType>(9), 0.1);
+  });
+  expect_invalid("finalize eps < 0", {"eps"}, [&] {
+    cpu::finalize(C, st.data(), -1e-5, EpsMode::Plus, mean.data(), invstd.data(), nullptr, nullptr, f, 0.1);
+  });
+  expect_invalid("finalize factor NaN", {"factor"}, [&] {
+    cpu::finalize(C, st.data(), 1e-5, EpsMode::Plus, mean.data(), invstd.data(), rm.data(), rv.data(), f, std::nan(""));
+  });
+  // Running stats come both or neither (the contract's words).
+  expect_invalid("finalize running_var without running_mean", {"running_mean", "running_var"}, [&] {
+    cpu::finalize(C, st.data(), 1e-5, EpsMode::Plus, mean.data(), invstd.data(), nullptr, rv.data(), f, 0.1);
+  });
+  expect_invalid("finalize running_mean without running_var", {"running_mean", "running_var"}, [&] {
+    cpu::finalize(C, st.data(), 1e-5, EpsMode::Plus, mean.data(), invstd.data(), rm.data(), nullptr, f, 0.1);
+  });
+}
+
+}  // namespace

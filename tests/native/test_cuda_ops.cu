@@ -1,0 +1,972 @@
+// SPDX-License-Identifier: MIT
+// The cuda:: ops against float64 host references written here (and against the cpu:: ops where
+// both must agree). Inputs are rounded to their dtype on the host first, so the reference sees
+// exactly the values the kernels see. Labelled `gpu`; skipped when no CUDA device is present.
+#include <gtest/gtest.h>
+#include <pysbn/core.hpp>
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <random>
+#include <sstream>
+#include <stdexcept>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace {
+
+using pysbn::DType;
+using pysbn::EpsMode;
+using pysbn::Geometry;
+using pysbn::Layout;
+using Bytes = std::vector<unsigned char>;
+
+constexpr DType kTypes[] = {DType::Float32, DType::Float64, DType::Float16, DType::BFloat16};
+constexpr Layout kLayouts[] = {Layout::ChannelMajor, Layout::ChannelsLast};
+
+/// Odd sizes on purpose: C = 1, L = 1, N = 1, C = 4097, sizes that are not multiples of 4 or 8,
+/// and a few that take the vectorised paths.
+const Geometry kShapes[] = {
+  {1, 1, 1},  {2, 3, 5},    {4, 1, 7},   {3, 5, 1},    {1, 7, 13},  {2, 4097, 3}, {5, 6, 33},
+  {8, 16, 64}, {3, 8, 1024}, {7, 130, 9}, {1, 2, 4099}, {64, 3, 1}, {2, 64, 256}, {3, 24, 40},
+  {5, 4097, 1}, {2, 5, 3000},
+};
+
+// ---- host helpers ----------------------------------------------------------------------------
+
+void check(cudaError_t e, const char* what)
+{
+  if (e != cudaSuccess) { throw std::runtime_error(std::string(what) + ": " + cudaGetErrorString(e)); }
+}
+
+bool have_device()
+{
+  int n = 0;
+  if (cudaGetDeviceCount(&n) != cudaSuccess) {
+    cudaGetLastError();  // clear the sticky "no device" error
+    return false;
+  }
+  return n > 0;
+}
+
+const char* name(DType d)
+{
+  switch (d) {
+    case DType::Float32: return "float32";
+    case DType::Float64: return "float64";
+    case DType::Float16: return "float16";
+    case DType::BFloat16: return "bfloat16";
+  }
+  return "?";
+}
+
+std::string describe(DType d, Geometry g)
+{
+  std::ostringstream s;
+  s << name(d) << " " << (g.layout == Layout::ChannelMajor ? "channel-major" : "channels-last") << " (N=" << g.n
+    << ", C=" << g.c << ", L=" << g.l << ")";
+  return s.str();
+}
+
+size_t esize(DType d) { return static_cast<size_t>(pysbn::dtype_size(d)); }
+
+bool is_half(DType d) { return d == DType::Float16 || d == DType::BFloat16; }
+
+/// Machine epsilon of an element type.
+double eps_of(DType d)
+{
+  switch (d) {
+    case DType::Float64: return std::numeric_limits<double>::epsilon();
+    case DType::Float32: return std::numeric_limits<float>::epsilon();
+    case DType::Float16: return 9.765625e-4;
+    case DType::BFloat16: return 7.8125e-3;
+  }
+  return 1.0;
+}
+
+/// Tolerance of a statistic accumulated in acc_dtype(d).
+double stat_tol(DType d) { return pysbn::acc_dtype(d) == DType::Float64 ? 1e-12 : 1e-5; }
+
+/// Tolerance of an output stored in d (its rounding plus a few acc-type ulps).
+double out_tol(DType d) { return d == DType::Float64 ? 1e-12 : (d == DType::Float32 ? 1e-5 : 2.0 * eps_of(d)); }
+
+double round_to(double v, DType d)
+{
+  switch (d) {
+    case DType::Float64: return v;
+    case DType::Float32: return static_cast<float>(v);
+    case DType::Float16: return __half2float(__float2half_rn(static_cast<float>(v)));
+    case DType::BFloat16: return __bfloat162float(__float2bfloat16_rn(static_cast<float>(v)));
+  }
+  return v;
+}
+
+Bytes encode(const std::vector<double>& v, DType d)
+{
+  Bytes out(v.size() * esize(d));
+  for (size_t i = 0; i < v.size(); ++i) {
+    unsigned char* p = out.data() + i * esize(d);
+    switch (d) {
+      case DType::Float64: std::memcpy(p, &v[i], 8); break;
+      case DType::Float32: {
+        const float f = static_cast<float>(v[i]);
+        std::memcpy(p, &f, 4);
+        break;
+      }
+      case DType::Float16: {
+        const __half h = __float2half_rn(static_cast<float>(v[i]));
+        std::memcpy(p, &h, 2);
+        break;
+      }
+      case DType::BFloat16: {
+        const __nv_bfloat16 h = __float2bfloat16_rn(static_cast<float>(v[i]));
+        std::memcpy(p, &h, 2);
+        break;
+      }
+    }
+  }
+  return out;
+}
+
+Bytes f64(const std::vector<double>& v) { return encode(v, DType::Float64); }
+
+std::vector<double> decode(const Bytes& b, DType d)
+{
+  std::vector<double> v(b.size() / esize(d));
+  for (size_t i = 0; i < v.size(); ++i) {
+    const unsigned char* p = b.data() + i * esize(d);
+    switch (d) {
+      case DType::Float64: std::memcpy(&v[i], p, 8); break;
+      case DType::Float32: {
+        float f;
+        std::memcpy(&f, p, 4);
+        v[i] = f;
+        break;
+      }
+      case DType::Float16: {
+        __half h;
+        std::memcpy(&h, p, 2);
+        v[i] = __half2float(h);
+        break;
+      }
+      case DType::BFloat16: {
+        __nv_bfloat16 h;
+        std::memcpy(&h, p, 2);
+        v[i] = __bfloat162float(h);
+        break;
+      }
+    }
+  }
+  return v;
+}
+
+/// A device allocation holding a copy of host bytes, optionally `shift` bytes past a 256-byte
+/// aligned base (to force the kernels' unaligned paths).
+class Dev {
+ public:
+  Dev() = default;
+  explicit Dev(const Bytes& host, size_t shift = 0) : bytes_(host.size()), shift_(shift)
+  {
+    if (bytes_ + shift_ > 0) { check(cudaMalloc(&base_, bytes_ + shift_), "cudaMalloc"); }
+    if (bytes_ > 0) { check(cudaMemcpy(get(), host.data(), bytes_, cudaMemcpyHostToDevice), "cudaMemcpy H2D"); }
+  }
+  /// `bytes` of `pattern` (0xff gives NaN in every float type: catches unwritten outputs).
+  static Dev filled(size_t bytes, unsigned char pattern) { return Dev(Bytes(bytes, pattern)); }
+  Dev(const Dev&) = delete;
+  Dev& operator=(const Dev&) = delete;
+  Dev(Dev&& o) noexcept { *this = std::move(o); }
+  Dev& operator=(Dev&& o) noexcept
+  {
+    std::swap(base_, o.base_);
+    std::swap(bytes_, o.bytes_);
+    std::swap(shift_, o.shift_);
+    return *this;
+  }
+  ~Dev()
+  {
+    if (base_ != nullptr) { cudaFree(base_); }
+  }
+  void* get() const { return bytes_ > 0 ? static_cast<unsigned char*>(base_) + shift_ : nullptr; }
+  template <typename T> T* as() const { return static_cast<T*>(get()); }
+  Bytes download() const
+  {
+    Bytes out(bytes_);
+    if (bytes_ > 0) { check(cudaMemcpy(out.data(), get(), bytes_, cudaMemcpyDeviceToHost), "cudaMemcpy D2H"); }
+    return out;
+  }
+
+ private:
+  void* base_ = nullptr;
+  size_t bytes_ = 0;
+  size_t shift_ = 0;
+};
+
+int64_t numel(Geometry g) { return g.n * g.c * g.l; }
+
+int64_t at(Geometry g, int64_t n, int64_t c, int64_t l)
+{
+  return g.layout == Layout::ChannelMajor ? (n * g.c + c) * g.l + l : (n * g.l + l) * g.c + c;
+}
+
+/// Values offset + 0.25*(c % 16) + scale*randn, rounded to d, stored at their memory offsets
+/// (channels differ, yet products stay far from the float16 range even with C = 4097).
+std::vector<double> random_input(Geometry g, DType d, uint32_t seed, double offset = 0.0, double scale = 1.0)
+{
+  std::mt19937 gen(seed);
+  std::normal_distribution<double> normal(0.0, 1.0);
+  std::vector<double> v(static_cast<size_t>(numel(g)));
+  for (int64_t n = 0; n < g.n; ++n) {
+    for (int64_t c = 0; c < g.c; ++c) {
+      for (int64_t l = 0; l < g.l; ++l) { v[at(g, n, c, l)] = round_to(offset + 0.25 * (c % 16) + scale * normal(gen), d); }
+    }
+  }
+  return v;
+}
+
+std::vector<double> random_vector(size_t n, uint32_t seed, double lo, double hi, DType d)
+{
+  std::mt19937 gen(seed);
+  std::uniform_real_distribution<double> u(lo, hi);
+  std::vector<double> v(n);
+  for (auto& e : v) { e = round_to(u(gen), d); }
+  return v;
+}
+
+struct Moments {
+  double count = 0;
+  std::vector<double> mean, m2;
+};
+
+/// Two-pass moments in long double.
+Moments ref_moments(const std::vector<double>& x, Geometry g)
+{
+  Moments m;
+  m.count = static_cast<double>(g.n * g.l);
+  m.mean.assign(g.c, 0.0);
+  m.m2.assign(g.c, 0.0);
+  if (g.n * g.l == 0) { return m; }
+  for (int64_t c = 0; c < g.c; ++c) {
+    long double s = 0;
+    for (int64_t n = 0; n < g.n; ++n) {
+      for (int64_t l = 0; l < g.l; ++l) { s += x[at(g, n, c, l)]; }
+    }
+    const long double mean = s / m.count;
+    long double q = 0;
+    for (int64_t n = 0; n < g.n; ++n) {
+      for (int64_t l = 0; l < g.l; ++l) {
+        const long double d = x[at(g, n, c, l)] - mean;
+        q += d * d;
+      }
+    }
+    m.mean[c] = static_cast<double>(mean);
+    m.m2[c] = static_cast<double>(q);
+  }
+  return m;
+}
+
+/// Per-channel sum over (n, l) of f(n, c, l), in long double.
+template <typename F> std::vector<double> channel_sum(Geometry g, F&& f)
+{
+  std::vector<double> out(g.c, 0.0);
+  for (int64_t c = 0; c < g.c; ++c) {
+    long double s = 0;
+    for (int64_t n = 0; n < g.n; ++n) {
+      for (int64_t l = 0; l < g.l; ++l) { s += f(n, c, l); }
+    }
+    out[c] = static_cast<double>(s);
+  }
+  return out;
+}
+
+class CudaOps : public ::testing::Test {
+ protected:
+  void SetUp() override
+  {
+    if (!have_device()) { GTEST_SKIP() << "no CUDA device"; }
+    check(cudaStreamCreate(&stream_), "cudaStreamCreate");
+  }
+  void TearDown() override
+  {
+    if (stream_ != nullptr) { cudaStreamDestroy(stream_); }
+  }
+  void* stream() const { return stream_; }
+  void sync() const
+  {
+    check(cudaStreamSynchronize(stream_), "cudaStreamSynchronize");
+    check(cudaGetLastError(), "kernel");
+  }
+
+  /// cuda::moments of host values; returns the record.
+  std::vector<double> run_moments(const std::vector<double>& x, DType d, Geometry g, size_t shift = 0)
+  {
+    Dev dx(encode(x, d), shift);
+    Dev ds = Dev::filled((2 * g.c + 1) * sizeof(double), 0xff);
+    pysbn::cuda::moments(dx.get(), d, g, ds.as<double>(), stream());
+    sync();
+    return decode(ds.download(), DType::Float64);
+  }
+
+  cudaStream_t stream_ = nullptr;
+};
+
+void expect_moments(const std::vector<double>& got, const Moments& ref, DType d, double tol)
+{
+  const int64_t c_n = static_cast<int64_t>(ref.mean.size());
+  ASSERT_EQ(got.size(), static_cast<size_t>(2 * c_n + 1));
+  EXPECT_EQ(got[0], ref.count);
+  for (int64_t c = 0; c < c_n; ++c) {
+    const double spread = ref.count > 0 ? std::sqrt(ref.m2[c] / ref.count) : 0.0;
+    // The mean is a double: its error scales with the spread, not with |mean|.
+    EXPECT_NEAR(got[1 + c], ref.mean[c], tol * spread + 1e-14 * std::fabs(ref.mean[c]) + 1e-30)
+      << "mean, channel " << c << " " << name(d);
+    EXPECT_NEAR(got[1 + c_n + c], ref.m2[c], tol * ref.m2[c] + 1e-30) << "m2, channel " << c << " " << name(d);
+  }
+}
+
+// ---- moments ---------------------------------------------------------------------------------
+
+TEST_F(CudaOps, MomentsMatchFloat64Reference)
+{
+  uint32_t seed = 1;
+  for (DType d : kTypes) {
+    for (Layout lay : kLayouts) {
+      for (Geometry g : kShapes) {
+        g.layout = lay;
+        SCOPED_TRACE(describe(d, g));
+        const auto x = random_input(g, d, seed++);
+        expect_moments(run_moments(x, d, g), ref_moments(x, g), d, stat_tol(d));
+      }
+    }
+  }
+}
+
+TEST_F(CudaOps, MomentsUnalignedPointersTakeTheScalarPath)
+{
+  for (DType d : kTypes) {
+    for (Layout lay : kLayouts) {
+      Geometry g{4, 16, 64, lay};
+      SCOPED_TRACE(describe(d, g));
+      const auto x = random_input(g, d, 7);
+      expect_moments(run_moments(x, d, g, esize(d)), ref_moments(x, g), d, stat_tol(d));
+    }
+  }
+}
+
+TEST_F(CudaOps, MomentsLargeOffsetFloat32IsStable)
+{
+  // x = 1e4 + randn in float32: raw sum / sum-of-squares loses the variance entirely here.
+  const Geometry shapes[] = {{8, 4, 4096, Layout::ChannelMajor},  {7, 3, 4099, Layout::ChannelMajor},
+                             {64, 8, 1024, Layout::ChannelsLast}, {33, 3, 997, Layout::ChannelsLast},
+                             {4096, 5, 1, Layout::ChannelMajor},  {2, 2, 300001, Layout::ChannelMajor}};
+  for (Geometry g : shapes) {
+    SCOPED_TRACE(describe(DType::Float32, g));
+    const auto x = random_input(g, DType::Float32, 11, 1e4, 1.0);
+    const auto got = run_moments(x, DType::Float32, g);
+    const Moments ref = ref_moments(x, g);
+    for (int64_t c = 0; c < g.c; ++c) {
+      const double var = got[1 + g.c + c] / got[0];
+      const double var_ref = ref.m2[c] / ref.count;
+      EXPECT_LE(std::fabs(var - var_ref) / var_ref, 1e-5) << "channel " << c;
+      EXPECT_NEAR(got[1 + c], ref.mean[c], 1e-5 * std::sqrt(var_ref)) << "channel " << c;
+    }
+  }
+}
+
+TEST_F(CudaOps, MomentsOfEmptyInput)
+{
+  const Geometry shapes[] = {{0, 3, 4}, {2, 3, 0}, {2, 0, 3}, {0, 0, 0}};
+  for (DType d : kTypes) {
+    for (Layout lay : kLayouts) {
+      for (Geometry g : shapes) {
+        g.layout = lay;
+        SCOPED_TRACE(describe(d, g));
+        const auto got = run_moments({}, d, g);
+        ASSERT_EQ(got.size(), static_cast<size_t>(2 * g.c + 1));
+        EXPECT_EQ(got[0], static_cast<double>(g.n * g.l));
+        for (size_t i = 1; i < got.size(); ++i) { EXPECT_EQ(got[i], 0.0) << i; }
+      }
+    }
+  }
+}
+
+// ---- sum_ft ----------------------------------------------------------------------------------
+
+TEST_F(CudaOps, SumMatchesFloat64Reference)
+{
+  uint32_t seed = 100;
+  for (DType d : kTypes) {
+    for (Layout lay : kLayouts) {
+      for (Geometry g : kShapes) {
+        g.layout = lay;
+        SCOPED_TRACE(describe(d, g));
+        const auto x = random_input(g, d, seed++, 0.5);
+        Dev dx(encode(x, d));
+        Dev dout = Dev::filled(g.c * sizeof(double), 0xff);
+        pysbn::cuda::sum_ft(dx.get(), d, g, dout.as<double>(), stream());
+        sync();
+        const auto got = decode(dout.download(), DType::Float64);
+        const auto ref = channel_sum(g, [&](int64_t n, int64_t c, int64_t l) { return x[at(g, n, c, l)]; });
+        const auto mag =
+          channel_sum(g, [&](int64_t n, int64_t c, int64_t l) { return std::fabs(x[at(g, n, c, l)]); });
+        for (int64_t c = 0; c < g.c; ++c) {
+          EXPECT_NEAR(got[c], ref[c], stat_tol(d) * mag[c] + 1e-30) << "channel " << c;
+        }
+      }
+    }
+  }
+}
+
+TEST_F(CudaOps, SumOfEmptyInputIsZero)
+{
+  for (DType d : kTypes) {
+    Geometry g{0, 5, 3, Layout::ChannelMajor};
+    Dev dout = Dev::filled(g.c * sizeof(double), 0xff);
+    pysbn::cuda::sum_ft(nullptr, d, g, dout.as<double>(), stream());
+    sync();
+    for (double v : decode(dout.download(), DType::Float64)) { EXPECT_EQ(v, 0.0) << name(d); }
+  }
+}
+
+// ---- merge_moments ---------------------------------------------------------------------------
+
+/// Records from groups of data with the given counts (count-0 records carry NaN garbage, which
+/// must not leak into the result), with the moments of the union of the data.
+struct MergeCase {
+  std::vector<double> records;  // k*(2C+1)
+  Moments all;
+};
+
+MergeCase make_merge_case(const std::vector<int64_t>& counts, int64_t c_n, uint32_t seed)
+{
+  MergeCase mc;
+  int64_t total = 0;
+  for (int64_t k : counts) { total += k; }
+  std::mt19937 gen(seed);
+  std::normal_distribution<double> normal(0.0, 1.0);
+  const Geometry gu{total, c_n, 1, Layout::ChannelsLast};
+  std::vector<double> union_x(static_cast<size_t>(total * c_n));
+  const double nan = std::numeric_limits<double>::quiet_NaN();
+  int64_t row = 0;
+  for (size_t i = 0; i < counts.size(); ++i) {
+    const Geometry gi{counts[i], c_n, 1, Layout::ChannelsLast};
+    std::vector<double> xi(static_cast<size_t>(counts[i] * c_n));
+    for (int64_t n = 0; n < counts[i]; ++n) {
+      for (int64_t c = 0; c < c_n; ++c) {
+        // groups with different means and spreads, far from zero
+        const double v = 100.0 * (c + 1) + 3.0 * i + (1.0 + i) * normal(gen);
+        xi[n * c_n + c] = v;
+        union_x[(row + n) * c_n + c] = v;
+      }
+    }
+    row += counts[i];
+    const Moments mi = ref_moments(xi, gi);
+    mc.records.push_back(static_cast<double>(counts[i]));
+    for (int64_t c = 0; c < c_n; ++c) { mc.records.push_back(counts[i] > 0 ? mi.mean[c] : nan); }
+    for (int64_t c = 0; c < c_n; ++c) { mc.records.push_back(counts[i] > 0 ? mi.m2[c] : nan); }
+  }
+  mc.all = ref_moments(union_x, gu);
+  return mc;
+}
+
+TEST_F(CudaOps, MergeMomentsIsExactForUnequalAndZeroCounts)
+{
+  const std::vector<std::vector<int64_t>> cases = {
+    {0, 1, 7, 1000, 0, 3, 64}, {5}, {0, 0, 9}, {2, 0}, {1, 1, 1, 1}, {20000, 1}, {0, 0, 0},
+  };
+  for (int64_t c_n : {int64_t{1}, int64_t{5}, int64_t{300}}) {
+    uint32_t seed = 5;
+    for (const auto& counts : cases) {
+      SCOPED_TRACE("C=" + std::to_string(c_n) + " k=" + std::to_string(counts.size()));
+      const MergeCase mc = make_merge_case(counts, c_n, seed++);
+      const int64_t k = static_cast<int64_t>(counts.size());
+      Dev drec(f64(mc.records));
+      Dev dout = Dev::filled((2 * c_n + 1) * sizeof(double), 0xff);
+      pysbn::cuda::merge_moments(k, c_n, drec.as<double>(), dout.as<double>(), stream());
+      sync();
+      const auto got = decode(dout.download(), DType::Float64);
+      EXPECT_EQ(got[0], mc.all.count);
+      for (int64_t c = 0; c < c_n; ++c) {
+        const double spread = mc.all.count > 0 ? std::sqrt(mc.all.m2[c] / mc.all.count) : 0.0;
+        EXPECT_NEAR(got[1 + c], mc.all.mean[c], 1e-12 * (std::fabs(mc.all.mean[c]) + spread)) << "mean " << c;
+        EXPECT_NEAR(got[1 + c_n + c], mc.all.m2[c], 1e-10 * mc.all.m2[c] + 1e-30) << "m2 " << c;
+      }
+    }
+  }
+}
+
+TEST_F(CudaOps, MergeMomentsOfNothing)
+{
+  // k = 0: an empty record.
+  Dev dout = Dev::filled(7 * sizeof(double), 0xff);
+  pysbn::cuda::merge_moments(0, 3, nullptr, dout.as<double>(), stream());
+  sync();
+  for (double v : decode(dout.download(), DType::Float64)) { EXPECT_EQ(v, 0.0); }
+  // C = 0: only the counts are merged.
+  Dev drec(f64({4.0, 0.0, 6.0}));
+  Dev dc = Dev::filled(sizeof(double), 0xff);
+  pysbn::cuda::merge_moments(3, 0, drec.as<double>(), dc.as<double>(), stream());
+  sync();
+  EXPECT_EQ(decode(dc.download(), DType::Float64)[0], 10.0);
+}
+
+// ---- finalize --------------------------------------------------------------------------------
+
+TEST_F(CudaOps, FinalizeMatchesFormula)
+{
+  const int64_t c_n = 37;
+  for (DType pd : kTypes) {
+    for (double count : {0.0, 2.0, 5.0, 1000.0}) {
+      for (EpsMode mode : {EpsMode::Plus, EpsMode::Clamp}) {
+        for (double eps : {1e-5, 0.3}) {
+          for (bool running : {true, false}) {
+            SCOPED_TRACE(std::string(name(pd)) + " count=" + std::to_string(count) +
+                         " mode=" + std::to_string(static_cast<int>(mode)) + " eps=" + std::to_string(eps) +
+                         (running ? " running" : ""));
+            std::vector<double> rec{count};
+            const auto mean = random_vector(c_n, 1, -3.0, 3.0, DType::Float64);
+            // m2/count spans var below and above eps so that the clamp matters
+            const auto var = random_vector(c_n, 2, 0.0, 1.0, DType::Float64);
+            for (double m : mean) { rec.push_back(m); }
+            for (double v : var) { rec.push_back(v * count); }
+            const auto rm0 = random_vector(c_n, 3, -1.0, 1.0, pd);
+            const auto rv0 = random_vector(c_n, 4, 0.5, 2.0, pd);
+            const double factor = 0.1;
+
+            Dev drec(f64(rec));
+            Dev dmean = Dev::filled(c_n * sizeof(double), 0xff);
+            Dev dinv = Dev::filled(c_n * sizeof(double), 0xff);
+            Dev drm(encode(rm0, pd)), drv(encode(rv0, pd));
+            pysbn::cuda::finalize(c_n, drec.as<double>(), eps, mode, dmean.as<double>(), dinv.as<double>(),
+                                  running ? drm.get() : nullptr, running ? drv.get() : nullptr, pd, factor,
+                                  stream());
+            sync();
+            const auto gm = decode(dmean.download(), DType::Float64);
+            const auto gi = decode(dinv.download(), DType::Float64);
+            const auto grm = decode(drm.download(), pd);
+            const auto grv = decode(drv.download(), pd);
+            for (int64_t c = 0; c < c_n; ++c) {
+              const double m = count > 0 ? rec[1 + c] : 0.0;
+              const double m2 = count > 0 ? rec[1 + c_n + c] : 0.0;
+              const double v = count > 0 ? m2 / count : 0.0;
+              const double inv = 1.0 / std::sqrt(mode == EpsMode::Plus ? v + eps : std::max(v, eps));
+              EXPECT_EQ(gm[c], m) << c;
+              EXPECT_NEAR(gi[c], inv, 1e-14 * inv) << c;
+              double rm = rm0[c], rv = rv0[c];
+              if (running && count > 0) {
+                rm = (1 - factor) * rm + factor * m;
+                rv = (1 - factor) * rv + factor * m2 / (count - 1);
+              }
+              // One rounding to the parameter dtype, plus double rounding (FMA or not) of the terms.
+              const double ptol = eps_of(pd) + 1e-13;
+              const double um = count > 0 ? factor * std::fabs(m) : 0.0;
+              const double uv = count > 0 ? factor * std::fabs(m2 / (count - 1)) : 0.0;
+              EXPECT_NEAR(grm[c], rm, ptol * (std::fabs(rm0[c]) + um) + 1e-300) << "running_mean " << c;
+              EXPECT_NEAR(grv[c], rv, ptol * (std::fabs(rv0[c]) + uv) + 1e-300) << "running_var " << c;
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
+// ---- normalize -------------------------------------------------------------------------------
+
+/// Parameter dtypes allowed with input dtype d.
+std::vector<DType> param_dtypes(DType d)
+{
+  if (is_half(d)) { return {d, DType::Float32}; }
+  return {d};
+}
+
+struct NormCase {
+  std::vector<double> mean, invstd, weight, bias;  // mean/invstd double, weight/bias in pd
+};
+
+NormCase make_norm_case(int64_t c_n, DType pd, uint32_t seed, double offset = 0.0)
+{
+  NormCase nc{random_vector(c_n, seed, -1.0, 4.0, DType::Float64), random_vector(c_n, seed + 1, 0.3, 2.0, DType::Float64),
+              random_vector(c_n, seed + 2, -2.0, 2.0, pd), random_vector(c_n, seed + 3, -1.0, 1.0, pd)};
+  for (double& m : nc.mean) { m += offset; }
+  return nc;
+}
+
+/// cuda::normalize of host values, y returned decoded.
+std::vector<double> run_normalize(void* stream, const std::vector<double>& x, DType d, Geometry g, const NormCase& nc,
+                                  DType pd, bool use_w, bool use_b, size_t shift = 0)
+{
+  Dev dx(encode(x, d), shift), dm(f64(nc.mean)), di(f64(nc.invstd));
+  Dev dw(encode(nc.weight, pd)), db(encode(nc.bias, pd));
+  Dev dy(Bytes(x.size() * esize(d), 0xff), shift);
+  pysbn::cuda::normalize(dx.get(), d, g, dm.as<double>(), di.as<double>(), use_w ? dw.get() : nullptr,
+                         use_b ? db.get() : nullptr, pd, dy.get(), stream);
+  check(cudaStreamSynchronize(static_cast<cudaStream_t>(stream)), "cudaStreamSynchronize");
+  return decode(dy.download(), d);
+}
+
+/// Counts (and reports the first few) y values off the float64 reference by more than tol.
+int64_t check_normalize(const std::vector<double>& y, const std::vector<double>& x, Geometry g, const NormCase& nc,
+                        bool use_w, bool use_b, double tol)
+{
+  int64_t bad = 0;
+  for (int64_t n = 0; n < g.n; ++n) {
+    for (int64_t c = 0; c < g.c; ++c) {
+      const double w = use_w ? nc.weight[c] : 1.0, b = use_b ? nc.bias[c] : 0.0;
+      for (int64_t l = 0; l < g.l; ++l) {
+        const int64_t i = at(g, n, c, l);
+        const double ref = (x[i] - nc.mean[c]) * nc.invstd[c] * w + b;
+        if (!(std::fabs(y[i] - ref) <= tol * (1.0 + std::fabs(ref))) && bad++ < 5) {
+          ADD_FAILURE() << "y at (" << n << ", " << c << ", " << l << "): " << y[i] << " vs " << ref;
+        }
+      }
+    }
+  }
+  return bad;
+}
+
+TEST_F(CudaOps, NormalizeMatchesFloat64Reference)
+{
+  uint32_t seed = 200;
+  for (DType d : kTypes) {
+    for (DType pd : param_dtypes(d)) {
+      for (Layout lay : kLayouts) {
+        int variant = 0;
+        for (Geometry g : kShapes) {
+          g.layout = lay;
+          const bool use_w = variant % 2 == 0, use_b = variant % 3 != 2;
+          ++variant;
+          SCOPED_TRACE(describe(d, g) + " param " + name(pd) + (use_w ? " weight" : "") + (use_b ? " bias" : ""));
+          const auto x = random_input(g, d, seed++);
+          const NormCase nc = make_norm_case(g.c, pd, seed++);
+          const auto y = run_normalize(stream(), x, d, g, nc, pd, use_w, use_b);
+          EXPECT_EQ(check_normalize(y, x, g, nc, use_w, use_b, out_tol(d)), 0);
+        }
+      }
+    }
+  }
+}
+
+TEST_F(CudaOps, NormalizeLargeOffsetFloat32)
+{
+  // x = 1e4 + randn and a double mean near 1e4: a float mean alone would be off by up to
+  // 5e-4 (half an ulp at 1e4); the hi/lo split keeps y to float precision.
+  for (Layout lay : kLayouts) {
+    Geometry g{16, 5, 257, lay};
+    SCOPED_TRACE(describe(DType::Float32, g));
+    const auto x = random_input(g, DType::Float32, 41, 1e4);
+    NormCase nc = make_norm_case(g.c, DType::Float32, 42, 1e4);
+    for (double& m : nc.mean) { m += 1.0 / 3.0; }  // not representable in float
+    const auto y = run_normalize(stream(), x, DType::Float32, g, nc, DType::Float32, true, true);
+    EXPECT_EQ(check_normalize(y, x, g, nc, true, true, 1e-6), 0);
+  }
+}
+
+TEST_F(CudaOps, NormalizeUnalignedPointersTakeTheScalarPath)
+{
+  for (DType d : kTypes) {
+    for (Layout lay : kLayouts) {
+      Geometry g{4, 16, 64, lay};
+      SCOPED_TRACE(describe(d, g));
+      const auto x = random_input(g, d, 21);
+      const NormCase nc = make_norm_case(g.c, d, 22);
+      const auto y = run_normalize(stream(), x, d, g, nc, d, true, false, esize(d));
+      EXPECT_EQ(check_normalize(y, x, g, nc, true, false, out_tol(d)), 0);
+    }
+  }
+}
+
+TEST_F(CudaOps, NormalizeEmptyInputIsANoOp)
+{
+  Geometry g{0, 3, 5, Layout::ChannelMajor};
+  EXPECT_NO_THROW(pysbn::cuda::normalize(nullptr, DType::Float32, g, nullptr, nullptr, nullptr, nullptr,
+                                         DType::Float32, nullptr, stream()));
+  sync();
+}
+
+// ---- backward_reduce -------------------------------------------------------------------------
+
+TEST_F(CudaOps, BackwardReduceMatchesFloat64Reference)
+{
+  uint32_t seed = 300;
+  for (DType d : kTypes) {
+    for (DType pd : param_dtypes(d)) {
+      for (Layout lay : kLayouts) {
+        int variant = 0;
+        for (Geometry g : kShapes) {
+          g.layout = lay;
+          const bool grads = variant++ % 2 == 0;
+          const size_t shift = variant % 5 == 0 ? esize(d) : 0;  // now and then unaligned
+          SCOPED_TRACE(describe(d, g) + " param " + name(pd) + (grads ? " grads" : "") + (shift ? " unaligned" : ""));
+          const auto x = random_input(g, d, seed++, 1.0);
+          const auto dy = random_input(g, d, seed++, -0.5);
+          const NormCase nc = make_norm_case(g.c, pd, seed++);
+          Dev ddy(encode(dy, d), shift), dx(encode(x, d)), dm(f64(nc.mean)), di(f64(nc.invstd));
+          Dev dsums = Dev::filled(2 * g.c * sizeof(double), 0xff);
+          Dev dgw = Dev::filled(g.c * esize(pd), 0xff), dgb = Dev::filled(g.c * esize(pd), 0xff);
+          pysbn::cuda::backward_reduce(ddy.get(), dx.get(), d, g, dm.as<double>(), di.as<double>(),
+                                       dsums.as<double>(), grads ? dgw.get() : nullptr, grads ? dgb.get() : nullptr,
+                                       pd, stream());
+          sync();
+          const auto sums = decode(dsums.download(), DType::Float64);
+          const auto gw = decode(dgw.download(), pd);
+          const auto gb = decode(dgb.download(), pd);
+          auto dyv = [&](int64_t n, int64_t c, int64_t l) { return dy[at(g, n, c, l)]; };
+          auto dyx = [&](int64_t n, int64_t c, int64_t l) {
+            const int64_t i = at(g, n, c, l);
+            return dy[i] * (x[i] - nc.mean[c]);
+          };
+          const auto s_dy = channel_sum(g, dyv);
+          const auto s_dyx = channel_sum(g, dyx);
+          const auto m_dy = channel_sum(g, [&](int64_t n, int64_t c, int64_t l) { return std::fabs(dyv(n, c, l)); });
+          const auto m_dyx = channel_sum(g, [&](int64_t n, int64_t c, int64_t l) { return std::fabs(dyx(n, c, l)); });
+          const double tol = stat_tol(d);
+          for (int64_t c = 0; c < g.c; ++c) {
+            EXPECT_NEAR(sums[c], s_dy[c], tol * m_dy[c] + 1e-30) << "sum_dy " << c;
+            EXPECT_NEAR(sums[g.c + c], s_dyx[c], tol * m_dyx[c] + 1e-30) << "sum_dy_xmu " << c;
+            if (grads) {
+              const double rw = s_dyx[c] * nc.invstd[c];
+              EXPECT_NEAR(gw[c], rw, tol * m_dyx[c] * nc.invstd[c] + eps_of(pd) * std::fabs(rw) + 1e-30)
+                << "grad_weight " << c;
+              EXPECT_NEAR(gb[c], s_dy[c], tol * m_dy[c] + eps_of(pd) * std::fabs(s_dy[c]) + 1e-30) << "grad_bias " << c;
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
+TEST_F(CudaOps, BackwardReduceOfEmptyInputIsZero)
+{
+  for (DType d : kTypes) {
+    Geometry g{0, 4, 3, Layout::ChannelsLast};
+    Dev dsums = Dev::filled(2 * g.c * sizeof(double), 0xff);
+    Dev dgw = Dev::filled(g.c * esize(d), 0xff), dgb = Dev::filled(g.c * esize(d), 0xff);
+    pysbn::cuda::backward_reduce(nullptr, nullptr, d, g, nullptr, nullptr, dsums.as<double>(), dgw.get(), dgb.get(),
+                                 d, stream());
+    sync();
+    for (double v : decode(dsums.download(), DType::Float64)) { EXPECT_EQ(v, 0.0) << name(d); }
+    for (double v : decode(dgw.download(), d)) { EXPECT_EQ(v, 0.0) << name(d); }
+    for (double v : decode(dgb.download(), d)) { EXPECT_EQ(v, 0.0) << name(d); }
+  }
+}
+
+// ---- backward_elemt --------------------------------------------------------------------------
+
+TEST_F(CudaOps, BackwardElemtMatchesFloat64Reference)
+{
+  uint32_t seed = 400;
+  for (DType d : kTypes) {
+    for (DType pd : param_dtypes(d)) {
+      for (Layout lay : kLayouts) {
+        int variant = 0;
+        for (Geometry g : kShapes) {
+          g.layout = lay;
+          const bool use_w = variant++ % 2 == 1;
+          const size_t shift = variant % 5 == 0 ? esize(d) : 0;  // now and then unaligned
+          SCOPED_TRACE(describe(d, g) + " param " + name(pd) + (use_w ? " weight" : "") + (shift ? " unaligned" : ""));
+          const auto x = random_input(g, d, seed++, 1.0);
+          const auto dy = random_input(g, d, seed++, -0.5);
+          const NormCase nc = make_norm_case(g.c, pd, seed++);
+          // global sums and count, as after the sync (the count exceeds the local N*L)
+          const double count = static_cast<double>(3 * g.n * g.l + 1);
+          std::vector<double> sums = random_vector(g.c, seed++, -0.5 * count, 0.5 * count, DType::Float64);
+          const auto s2 = random_vector(g.c, seed++, -0.5 * count, 0.5 * count, DType::Float64);
+          sums.insert(sums.end(), s2.begin(), s2.end());
+          Dev ddy(encode(dy, d)), dx(encode(x, d), shift), dm(f64(nc.mean)), di(f64(nc.invstd));
+          Dev dw(encode(nc.weight, pd)), dsums(f64(sums)), dcount(f64({count}));
+          Dev ddx(Bytes(x.size() * esize(d), 0xff), shift);
+          pysbn::cuda::backward_elemt(ddy.get(), dx.get(), d, g, dm.as<double>(), di.as<double>(),
+                                      use_w ? dw.get() : nullptr, pd, dsums.as<double>(), dcount.as<double>(),
+                                      ddx.get(), stream());
+          sync();
+          const auto got = decode(ddx.download(), d);
+          int64_t bad = 0;
+          for (int64_t n = 0; n < g.n; ++n) {
+            for (int64_t c = 0; c < g.c; ++c) {
+              const double w = use_w ? nc.weight[c] : 1.0, is = nc.invstd[c];
+              const double mdy = sums[c] / count, k = is * is * sums[g.c + c] / count;
+              for (int64_t l = 0; l < g.l; ++l) {
+                const int64_t i = at(g, n, c, l);
+                const double t = (x[i] - nc.mean[c]) * k;
+                const double ref = (dy[i] - mdy - t) * is * w;
+                const double scale = (std::fabs(dy[i]) + std::fabs(mdy) + std::fabs(t)) * std::fabs(is * w);
+                if (!(std::fabs(got[i] - ref) <= out_tol(d) * (1.0 + scale)) && bad++ < 5) {
+                  ADD_FAILURE() << "dx at (" << n << ", " << c << ", " << l << "): " << got[i] << " vs " << ref;
+                }
+              }
+            }
+          }
+          EXPECT_EQ(bad, 0);
+        }
+      }
+    }
+  }
+}
+
+TEST_F(CudaOps, BackwardElemtWithZeroCountWritesZero)
+{
+  for (DType d : kTypes) {
+    Geometry g{3, 4, 5, Layout::ChannelMajor};
+    const auto x = random_input(g, d, 1), dy = random_input(g, d, 2);
+    Dev ddy(encode(dy, d)), dx(encode(x, d));
+    Dev dm(f64(std::vector<double>(g.c, 0.5))), di(f64(std::vector<double>(g.c, 2.0)));
+    Dev dsums(f64(std::vector<double>(2 * g.c, 1.0))), dcount(f64({0.0}));
+    Dev ddx = Dev::filled(x.size() * esize(d), 0xff);
+    pysbn::cuda::backward_elemt(ddy.get(), dx.get(), d, g, dm.as<double>(), di.as<double>(), nullptr, d,
+                                dsums.as<double>(), dcount.as<double>(), ddx.get(), stream());
+    sync();
+    for (double v : decode(ddx.download(), d)) { EXPECT_EQ(v, 0.0) << name(d); }
+  }
+}
+
+// ---- agreement with the cpu:: ops ------------------------------------------------------------
+
+TEST_F(CudaOps, AgreesWithCpuOps)
+{
+  const int threads = 2;
+  for (DType d : kTypes) {
+    for (Layout lay : kLayouts) {
+      Geometry g{4, 6, 50, lay};
+      SCOPED_TRACE(describe(d, g));
+      const auto x = random_input(g, d, 31, 2.0);
+      const auto dy = random_input(g, d, 32);
+      const Bytes hx = encode(x, d), hdy = encode(dy, d);
+      const double tol = stat_tol(d);
+      const double n_l = static_cast<double>(g.n * g.l);
+
+      // moments
+      std::vector<double> cs(2 * g.c + 1);
+      pysbn::cpu::moments(hx.data(), d, g, cs.data(), threads);
+      const auto gs = run_moments(x, d, g);
+      EXPECT_EQ(gs[0], cs[0]);
+      for (int64_t c = 0; c < g.c; ++c) {
+        const double spread = std::sqrt(cs[1 + g.c + c] / n_l);
+        EXPECT_NEAR(gs[1 + c], cs[1 + c], tol * spread) << "mean " << c;
+        EXPECT_NEAR(gs[1 + g.c + c], cs[1 + g.c + c], tol * cs[1 + g.c + c]) << "m2 " << c;
+      }
+
+      // sum_ft
+      std::vector<double> csum(g.c);
+      pysbn::cpu::sum_ft(hx.data(), d, g, csum.data(), threads);
+      Dev dx(hx), dsum = Dev::filled(g.c * sizeof(double), 0xff);
+      pysbn::cuda::sum_ft(dx.get(), d, g, dsum.as<double>(), stream());
+      sync();
+      const auto gsum = decode(dsum.download(), DType::Float64);
+      for (int64_t c = 0; c < g.c; ++c) {
+        EXPECT_NEAR(gsum[c], csum[c], tol * (std::fabs(csum[c]) + n_l)) << "sum " << c;
+      }
+
+      // merge_moments of the CPU record with itself and an empty record
+      std::vector<double> three(cs);
+      three.insert(three.end(), cs.begin(), cs.end());
+      three.push_back(0.0);
+      three.insert(three.end(), 2 * g.c, 0.0);
+      std::vector<double> cmerged(cs.size());
+      pysbn::cpu::merge_moments(3, g.c, three.data(), cmerged.data());
+      Dev dthree(f64(three)), dmerged = Dev::filled(cs.size() * sizeof(double), 0xff);
+      pysbn::cuda::merge_moments(3, g.c, dthree.as<double>(), dmerged.as<double>(), stream());
+      sync();
+      const auto gmerged = decode(dmerged.download(), DType::Float64);
+      for (size_t i = 0; i < cs.size(); ++i) {
+        EXPECT_NEAR(gmerged[i], cmerged[i], 1e-14 * std::fabs(cmerged[i])) << "merge " << i;
+      }
+
+      // finalize, from the CPU record on both sides
+      std::vector<double> cm(g.c), ci(g.c);
+      pysbn::cpu::finalize(g.c, cs.data(), 1e-5, EpsMode::Plus, cm.data(), ci.data(), nullptr, nullptr, d, 0.1);
+      Dev drec(f64(cs)), dm = Dev::filled(g.c * sizeof(double), 0xff), di = Dev::filled(g.c * sizeof(double), 0xff);
+      pysbn::cuda::finalize(g.c, drec.as<double>(), 1e-5, EpsMode::Plus, dm.as<double>(), di.as<double>(), nullptr,
+                            nullptr, d, 0.1, stream());
+      sync();
+      const auto gmv = decode(dm.download(), DType::Float64), giv = decode(di.download(), DType::Float64);
+      for (int64_t c = 0; c < g.c; ++c) {
+        EXPECT_EQ(gmv[c], cm[c]) << "finalize mean " << c;
+        EXPECT_NEAR(giv[c], ci[c], 1e-14 * ci[c]) << "finalize invstd " << c;
+      }
+
+      // normalize with the CPU's mean/invstd
+      Bytes cy(hx.size());
+      pysbn::cpu::normalize(hx.data(), d, g, cm.data(), ci.data(), nullptr, nullptr, d, cy.data(), threads);
+      Dev dmean(f64(cm)), dinv(f64(ci)), dyo = Dev::filled(hx.size(), 0xff);
+      pysbn::cuda::normalize(dx.get(), d, g, dmean.as<double>(), dinv.as<double>(), nullptr, nullptr, d, dyo.get(),
+                             stream());
+      sync();
+      const auto cyv = decode(cy, d), gyv = decode(dyo.download(), d);
+      for (size_t i = 0; i < cyv.size(); ++i) {
+        ASSERT_NEAR(gyv[i], cyv[i], 2 * out_tol(d) * (1.0 + std::fabs(cyv[i]))) << "normalize " << i;
+      }
+
+      // backward_reduce and backward_elemt
+      std::vector<double> csums(2 * g.c);
+      pysbn::cpu::backward_reduce(hdy.data(), hx.data(), d, g, cm.data(), ci.data(), csums.data(), nullptr, nullptr,
+                                  d, threads);
+      Dev ddy(hdy), dsums = Dev::filled(2 * g.c * sizeof(double), 0xff);
+      pysbn::cuda::backward_reduce(ddy.get(), dx.get(), d, g, dmean.as<double>(), dinv.as<double>(),
+                                   dsums.as<double>(), nullptr, nullptr, d, stream());
+      sync();
+      const auto gsv = decode(dsums.download(), DType::Float64);
+      for (int64_t c = 0; c < 2 * g.c; ++c) { EXPECT_NEAR(gsv[c], csums[c], tol * 10.0 * n_l) << "sums " << c; }
+      const std::vector<double> count{n_l};
+      Bytes cdx(hx.size());
+      pysbn::cpu::backward_elemt(hdy.data(), hx.data(), d, g, cm.data(), ci.data(), nullptr, d, csums.data(),
+                                 count.data(), cdx.data(), threads);
+      Dev dcsums(f64(csums)), dcount(f64(count)), ddx = Dev::filled(hx.size(), 0xff);
+      pysbn::cuda::backward_elemt(ddy.get(), dx.get(), d, g, dmean.as<double>(), dinv.as<double>(), nullptr, d,
+                                  dcsums.as<double>(), dcount.as<double>(), ddx.get(), stream());
+      sync();
+      const auto cdxv = decode(cdx, d), gdxv = decode(ddx.download(), d);
+      for (size_t i = 0; i < cdxv.size(); ++i) {
+        ASSERT_NEAR(gdxv[i], cdxv[i], 4 * out_tol(d) * (1.0 + std::fabs(cdxv[i]))) << "backward_elemt " << i;
+      }
+    }
+  }
+}
+
+// ---- argument validation (fails before any device work) --------------------------------------
+
+TEST(CudaOpsValidation, BadArgumentsThrowInvalidArgument)
+{
+  if (!pysbn::built_with_cuda()) { GTEST_SKIP() << "built without CUDA"; }
+  Geometry g{2, 3, 4, Layout::ChannelMajor};
+  float xf[64] = {};
+  double st[64] = {};
+  EXPECT_THROW(pysbn::cuda::moments(nullptr, DType::Float32, g, st, nullptr), std::invalid_argument);
+  EXPECT_THROW(pysbn::cuda::moments(xf, DType::Float32, g, nullptr, nullptr), std::invalid_argument);
+  EXPECT_THROW(pysbn::cuda::moments(xf, static_cast<DType>(9), g, st, nullptr), std::invalid_argument);
+  Geometry neg{-1, 3, 4, Layout::ChannelMajor};
+  EXPECT_THROW(pysbn::cuda::sum_ft(xf, DType::Float32, neg, st, nullptr), std::invalid_argument);
+  EXPECT_THROW(pysbn::cuda::normalize(xf, DType::Float32, g, st, st, nullptr, nullptr, DType::Float16, xf, nullptr),
+               std::invalid_argument);
+  EXPECT_THROW(pysbn::cuda::backward_reduce(xf, xf, DType::Float16, g, st, st, st, nullptr, nullptr, DType::BFloat16,
+                                            nullptr),
+               std::invalid_argument);
+  EXPECT_THROW(pysbn::cuda::backward_elemt(xf, xf, DType::Float32, g, st, st, nullptr, DType::Float32, st, nullptr,
+                                           xf, nullptr),
+               std::invalid_argument);
+  EXPECT_THROW(pysbn::cuda::merge_moments(-1, 3, st, st, nullptr), std::invalid_argument);
+  EXPECT_THROW(pysbn::cuda::merge_moments(2, 3, nullptr, st, nullptr), std::invalid_argument);
+  EXPECT_THROW(pysbn::cuda::finalize(3, st, 1e-5, EpsMode::Plus, st, st, xf, nullptr, DType::Float32, 0.1, nullptr),
+               std::invalid_argument);
+  EXPECT_THROW(pysbn::cuda::finalize(3, st, -1.0, EpsMode::Plus, st, st, nullptr, nullptr, DType::Float32, 0.1, nullptr),
+               std::invalid_argument);
+  EXPECT_THROW(pysbn::cuda::finalize(3, st, 1e-5, static_cast<EpsMode>(5), st, st, nullptr, nullptr, DType::Float32,
+                                     0.1, nullptr),
+               std::invalid_argument);
+  try {
+    pysbn::cuda::moments(nullptr, DType::Float32, g, st, nullptr);
+    FAIL() << "expected std::invalid_argument";
+  } catch (const std::invalid_argument& e) {
+    EXPECT_NE(std::string(e.what()).find("moments: x"), std::string::npos) << e.what();
+  }
+}
+
+}  // namespace
