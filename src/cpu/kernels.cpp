@@ -6,7 +6,7 @@
 //   x[n, c, :] of that channel. With few channels the n range is split so that every thread
 //   has work; the partial results are merged per channel in task order (deterministic).
 // - Channels-last (N*L rows of C values), and channel-major with L == 1: each thread takes a
-//   contiguous range of rows and vectorises across channels. With C < 32 a "super-row" of k
+//   contiguous range of rows and vectorises across channels. With C < 64 a "super-row" of k
 //   consecutive rows (W = k*C lanes, lane j is channel j % C) keeps the vectors full.
 // - Statistics: each block of values that fits in L1 is reduced with the corrected two-pass
 //   scheme in the accumulation type (sum -> block mean m; then sum of d = x - m and of d*d;
@@ -36,7 +36,7 @@ namespace {
 // ---- constants ---------------------------------------------------------------------------------
 constexpr int64_t kBlock = 4096;          // values per statistics block (16 KiB of float: in L1)
 constexpr int64_t kMinPerThread = 16384;  // below this many values per thread, use fewer threads
-constexpr int64_t kWideLanes = 32;        // channels-last: widen rows to at least this many lanes
+constexpr int64_t kWideLanes = 64;        // channels-last: widen rows to at least this many lanes
 
 // ---- element types -----------------------------------------------------------------------------
 using f16 = _Float16;
@@ -163,24 +163,100 @@ struct Moments {
   void merge(const Moments& o) { merge(o.n, o.mean, o.m2); }
 };
 
+// Contiguous reductions keep kAccLanes independent partial sums (4 AVX-512 registers of float):
+// one accumulator would make every loop wait on the latency of its previous add.
+constexpr int64_t kAccLanes = 64;
+
+/// Sum of the kAccLanes partial sums, folded pairwise (vector adds, not a serial chain).
+template <class A>
+inline A fold(A* acc)
+{
+  for (int64_t half = kAccLanes / 2; half >= 1; half /= 2) {
+#pragma omp simd
+    for (int64_t j = 0; j < half; ++j) { acc[j] += acc[j + half]; }
+  }
+  return acc[0];
+}
+
+/// Returns sum over i < len of f(i), with kAccLanes independent partial sums.
+template <class A, class F>
+inline A lane_sum(int64_t len, F&& f)
+{
+  A acc[kAccLanes] = {};
+  int64_t i = 0;
+  for (; i + kAccLanes <= len; i += kAccLanes) {
+#pragma omp simd
+    for (int64_t j = 0; j < kAccLanes; ++j) { acc[j] += f(i + j); }
+  }
+  A tail = 0;
+  for (; i < len; ++i) { tail += f(i); }
+  return fold(acc) + tail;
+}
+
+/// Two sums at once: (sum f1(i), sum f2(i)) where f(i, u, v) sets u = f1(i), v = f2(i).
+template <class A, class F>
+inline void lane_sum2(int64_t len, A& out1, A& out2, F&& f)
+{
+  A a1[kAccLanes] = {}, a2[kAccLanes] = {};
+  int64_t i = 0;
+  for (; i + kAccLanes <= len; i += kAccLanes) {
+#pragma omp simd
+    for (int64_t j = 0; j < kAccLanes; ++j) {
+      A u, v;
+      f(i + j, u, v);
+      a1[j] += u;
+      a2[j] += v;
+    }
+  }
+  A t1 = 0, t2 = 0;
+  for (; i < len; ++i) {
+    A u, v;
+    f(i, u, v);
+    t1 += u;
+    t2 += v;
+  }
+  out1 = fold(a1) + t1;
+  out2 = fold(a2) + t2;
+}
+
 /// Corrected two-pass moments of one contiguous block (fits in L1), in the accumulation type.
 template <class T>
 inline void block_moments(const T* x, int64_t len, double& mean, double& m2)
 {
   using A = acc_t<T>;
-  A s = 0;
-#pragma omp simd reduction(+ : s)
-  for (int64_t i = 0; i < len; ++i) { s += ld(x[i]); }
+  const A s = lane_sum<A>(len, [&](int64_t i) { return static_cast<A>(ld(x[i])); });
   const A m = s / static_cast<A>(len);
-  A sd = 0, sdd = 0;
-#pragma omp simd reduction(+ : sd, sdd)
-  for (int64_t i = 0; i < len; ++i) {
-    A d = ld(x[i]) - m;
-    sd += d;
-    sdd += d * d;
-  }
+  A sd, sdd;
+  lane_sum2<A>(len, sd, sdd, [&](int64_t i, A& u, A& v) {
+    u = ld(x[i]) - m;
+    v = u * u;
+  });
   mean = static_cast<double>(m) + static_cast<double>(sd) / static_cast<double>(len);
   m2 = std::max(0.0, static_cast<double>(sdd) - static_cast<double>(sd) * static_cast<double>(sd) / len);
+}
+
+/// Moments of one block in one pass, shifted by `shift` (the channel's running mean): with
+/// d = x - shift, M2 = sum d^2 - (sum d)^2 / n. This loses precision only when the block mean is
+/// far from the shift relative to the block's spread, so such blocks (mean more than 2 std from
+/// the shift, bounding the rounding error by ~5 ulp) are redone with the two-pass scheme.
+template <class T>
+inline void block_moments_shifted(const T* x, int64_t len, double shift, double& mean, double& m2)
+{
+  using A = acc_t<T>;
+  const A k = static_cast<A>(shift);
+  A sd, sdd;
+  lane_sum2<A>(len, sd, sdd, [&](int64_t i, A& u, A& v) {
+    u = ld(x[i]) - k;
+    v = u * u;
+  });
+  const double n = static_cast<double>(len), d = static_cast<double>(sd) / n;
+  const double m2b = static_cast<double>(sdd) - static_cast<double>(sd) * d;
+  if (!(d * d * n <= 4.0 * m2b)) {  // also catches NaN
+    block_moments(x, len, mean, m2);
+    return;
+  }
+  mean = static_cast<double>(k) + d;
+  m2 = m2b;
 }
 
 /// A float64 mean as hi + lo in the accumulation type: (x - hi) - lo is accurate to the
@@ -235,7 +311,7 @@ inline void cm_for_tasks(const Geometry& g, const CmPlan& p, int tid, int nt, bo
 // ---- channels-last row loops -------------------------------------------------------------------
 // Accumulators for a tile of kTile lanes stay in registers across the rows of a block; the
 // generic loop (accumulators in memory) handles the last partial tile.
-constexpr int64_t kTile = 32;
+constexpr int64_t kTile = 64;
 
 /// acc[j] += f(r, j) for r < nrows, j < w, where f reads row r lane j.
 template <class A, class F>
@@ -363,7 +439,7 @@ void moments_cm(const T* x, const Geometry& g, std::vector<Moments>& out, int nu
         for (int64_t i = 0; i < g.l; i += kBlock) {
           int64_t len = std::min(kBlock, g.l - i);
           double m, m2;
-          block_moments(plane + i, len, m, m2);
+          block_moments_shifted(plane + i, len, acc.n > 0 ? acc.mean : static_cast<double>(ld(plane[i])), m, m2);
           acc.merge(static_cast<double>(len), m, m2);
         }
       }
@@ -410,13 +486,16 @@ void moments_rows(const T* x, const Geometry& g, std::vector<Moments>& out, int 
       double* lm = tail ? mean_t : mean_s;
       double* l2 = tail ? m2_t : m2_s;
       double& na = tail ? cnt_tail[tid] : cnt_super[tid];
+      // Chan merge of this block into the lane moments; the count is the same for every lane.
       const double nb = static_cast<double>(nrows), nab = na + nb;
+      const double inv_nb = 1.0 / nb, wb = nb / nab, wab = na * nb / nab;
       for (int64_t j = 0; j < w; ++j) {
-        double mb = static_cast<double>(ps[j]) + static_cast<double>(psd[j]) / nb;
-        double m2b = std::max(0.0, static_cast<double>(psdd[j]) - static_cast<double>(psd[j]) * psd[j] / nb);
-        double delta = mb - lm[j];
-        lm[j] += delta * (nb / nab);
-        l2[j] += m2b + delta * delta * (na * nb / nab);
+        const double sd_j = static_cast<double>(psd[j]);
+        const double mb = static_cast<double>(ps[j]) + sd_j * inv_nb;
+        const double m2b = std::max(0.0, static_cast<double>(psdd[j]) - sd_j * sd_j * inv_nb);
+        const double delta = mb - lm[j];
+        lm[j] += delta * wb;
+        l2[j] += m2b + delta * delta * wab;
       }
       na = nab;
     });
@@ -438,34 +517,35 @@ void normalize_impl(const T* x, const Geometry& g, const double* mean, const dou
 {
   using A = acc_t<T>;
   const int64_t C = g.c;
+  // y = (x - hi) * a + (bias - lo * a): x - hi is exact near the mean, and the low part of the
+  // mean folds into the constant term (three coefficients per channel).
   const SplitMean<A> sm(mean, C);
   std::vector<A> a(C), b(C);
   for (int64_t c = 0; c < C; ++c) {
-    a[c] = static_cast<A>(invstd[c] * (weight ? ldp<P>(weight, c) : 1.0));
-    b[c] = static_cast<A>(bias ? ldp<P>(bias, c) : 0.0);
+    const double ac = invstd[c] * (weight ? ldp<P>(weight, c) : 1.0);
+    a[c] = static_cast<A>(ac);
+    b[c] = static_cast<A>((bias ? ldp<P>(bias, c) : 0.0) - static_cast<double>(sm.lo[c]) * ac);
   }
   if (!use_rows(g)) {
     const CmPlan p = cm_plan(g, num_threads);
     parallel(p.nt, [&](int tid, int nt) {
       cm_for_tasks(g, p, tid, nt, true, [&](int64_t, int64_t c, int64_t nb, int64_t ne) {
-        const A mh = sm.hi[c], ml = sm.lo[c], ac = a[c], bc = b[c];
+        const A mh = sm.hi[c], ac = a[c], bc = b[c];
         for (int64_t i = 0; i < ne - nb; ++i) {
           int64_t n = ne - 1 - i;
           const T* xp = x + (n * C + c) * g.l;
           T* yp = y + (n * C + c) * g.l;
 #pragma omp simd
-          for (int64_t l = 0; l < g.l; ++l) { yp[l] = st<T>(((ld(xp[l]) - mh) - ml) * ac + bc); }
+          for (int64_t l = 0; l < g.l; ++l) { yp[l] = st<T>((ld(xp[l]) - mh) * ac + bc); }
         }
       });
     });
     return;
   }
   const ClPlan p = cl_plan(g, num_threads);
-  const std::vector<A> hw = replicate(sm.hi, p.w), lw = replicate(sm.lo, p.w), aw = replicate(a, p.w),
-                       bw = replicate(b, p.w);
+  const std::vector<A> hw = replicate(sm.hi, p.w), aw = replicate(a, p.w), bw = replicate(b, p.w);
   parallel(p.nt, [&](int tid, int nt) {
     const A* __restrict ph = hw.data();
-    const A* __restrict pl = lw.data();
     const A* __restrict pa = aw.data();
     const A* __restrict pb = bw.data();
     cl_for_blocks(p, C, tid, nt, true, [&](int64_t r0, int64_t nrows, int64_t w) {
@@ -474,7 +554,7 @@ void normalize_impl(const T* x, const Geometry& g, const double* mean, const dou
         const T* __restrict xr = x + off;
         T* __restrict yr = y + off;
 #pragma omp simd
-        for (int64_t j = 0; j < w; ++j) { yr[j] = st<T>(((ld(xr[j]) - ph[j]) - pl[j]) * pa[j] + pb[j]); }
+        for (int64_t j = 0; j < w; ++j) { yr[j] = st<T>((ld(xr[j]) - ph[j]) * pa[j] + pb[j]); }
       }
     });
   });
@@ -505,15 +585,12 @@ void grad_sums(const T* dy, const T* x, const Geometry& g, const SplitMean<acc_t
             A a1 = 0, a2 = 0;
             if (x) {
               const T* xp = x + off + i;
-#pragma omp simd reduction(+ : a1, a2)
-              for (int64_t l = 0; l < len; ++l) {
-                A v = ld(d[l]);
-                a1 += v;
-                a2 += v * ((ld(xp[l]) - mh) - ml);
-              }
+              lane_sum2<A>(len, a1, a2, [&](int64_t l, A& u, A& v) {
+                u = ld(d[l]);
+                v = u * ((ld(xp[l]) - mh) - ml);
+              });
             } else {
-#pragma omp simd reduction(+ : a1)
-              for (int64_t l = 0; l < len; ++l) { a1 += ld(d[l]); }
+              a1 = lane_sum<A>(len, [&](int64_t l) { return static_cast<A>(ld(d[l])); });
             }
             s1 += a1;
             s2 += a2;
@@ -578,38 +655,38 @@ void elemt_impl(const T* dy, const T* x, const Geometry& g, const double* mean, 
   using A = acc_t<T>;
   const int64_t C = g.c;
   const SplitMean<A> sm(mean, C);
-  // dx = dy * k1 - ((x - hi) - lo) * k2 - k3
+  // dx = dy * k1 - (x - mean) * k2 - k3 = dy * k1 - (x - hi) * k2 - (k3 - lo * k2)
   std::vector<A> k1(C), k2(C), k3(C);
   for (int64_t c = 0; c < C; ++c) {
     double is = invstd[c], w = weight ? ldp<P>(weight, c) : 1.0;
     double mdy = cnt > 0 ? sums[c] / cnt : 0.0, mdyxmu = cnt > 0 ? sums[C + c] / cnt : 0.0;
+    double c2 = is * is * is * w * mdyxmu;
     k1[c] = static_cast<A>(is * w);
-    k2[c] = static_cast<A>(is * is * is * w * mdyxmu);
-    k3[c] = static_cast<A>(is * w * mdy);
+    k2[c] = static_cast<A>(c2);
+    k3[c] = static_cast<A>(is * w * mdy - static_cast<double>(sm.lo[c]) * c2);
   }
   if (!use_rows(g)) {
     const CmPlan p = cm_plan(g, num_threads);
     parallel(p.nt, [&](int tid, int nt) {
       cm_for_tasks(g, p, tid, nt, true, [&](int64_t, int64_t c, int64_t nb, int64_t ne) {
-        const A mh = sm.hi[c], ml = sm.lo[c], a1 = k1[c], a2 = k2[c], a3 = k3[c];
+        const A mh = sm.hi[c], a1 = k1[c], a2 = k2[c], a3 = k3[c];
         for (int64_t i = 0; i < ne - nb; ++i) {
           const int64_t off = ((ne - 1 - i) * C + c) * g.l;
           const T* d = dy + off;
           const T* xp = x + off;
           T* o = dx + off;
 #pragma omp simd
-          for (int64_t l = 0; l < g.l; ++l) { o[l] = st<T>(ld(d[l]) * a1 - ((ld(xp[l]) - mh) - ml) * a2 - a3); }
+          for (int64_t l = 0; l < g.l; ++l) { o[l] = st<T>(ld(d[l]) * a1 - (ld(xp[l]) - mh) * a2 - a3); }
         }
       });
     });
     return;
   }
   const ClPlan p = cl_plan(g, num_threads);
-  const std::vector<A> hw = replicate(sm.hi, p.w), lw = replicate(sm.lo, p.w), w1 = replicate(k1, p.w),
-                       w2 = replicate(k2, p.w), w3 = replicate(k3, p.w);
+  const std::vector<A> hw = replicate(sm.hi, p.w), w1 = replicate(k1, p.w), w2 = replicate(k2, p.w),
+                       w3 = replicate(k3, p.w);
   parallel(p.nt, [&](int tid, int nt) {
     const A* __restrict qh = hw.data();
-    const A* __restrict ql = lw.data();
     const A* __restrict q1 = w1.data();
     const A* __restrict q2 = w2.data();
     const A* __restrict q3 = w3.data();
@@ -620,7 +697,7 @@ void elemt_impl(const T* dy, const T* x, const Geometry& g, const double* mean, 
         const T* __restrict xr = x + off;
         T* __restrict o = dx + off;
 #pragma omp simd
-        for (int64_t j = 0; j < w; ++j) { o[j] = st<T>(ld(d[j]) * q1[j] - ((ld(xr[j]) - qh[j]) - ql[j]) * q2[j] - q3[j]); }
+        for (int64_t j = 0; j < w; ++j) { o[j] = st<T>(ld(d[j]) * q1[j] - (ld(xr[j]) - qh[j]) * q2[j] - q3[j]); }
       }
     });
   });
