@@ -259,8 +259,8 @@ def sum_ft(x: torch.Tensor) -> torch.Tensor:
 def moments(x: torch.Tensor) -> torch.Tensor:
     """Moments record of ``x``: count, per-channel mean and sum of squared deviations.
 
-    Computed with a stable scheme (corrected two-pass per block, Chan merge in double), so
-    inputs with a mean far from zero keep their variance.
+    Computed with a stable scheme (deviations from a shift near each block's mean, Chan merge
+    in double), so inputs with a mean far from zero keep their variance.
 
     Parameters
     ----------

@@ -8,10 +8,12 @@
 // - Channels-last (N*L rows of C values), and channel-major with L == 1: each thread takes a
 //   contiguous range of rows and vectorises across channels. With C < 64 a "super-row" of k
 //   consecutive rows (W = k*C lanes, lane j is channel j % C) keeps the vectors full.
-// - Statistics: each block of values that fits in L1 is reduced with the corrected two-pass
-//   scheme in the accumulation type (sum -> block mean m; then sum of d = x - m and of d*d;
-//   M2 = sum d^2 - (sum d)^2 / n), so there is no cancellation at large offsets. Blocks,
-//   tasks and threads are merged with Chan's formula in double.
+// - Statistics: each block of values that fits in L1 is reduced in the accumulation type from
+//   deviations d = x - m to a shift m near its mean, M2 = sum d^2 - (sum d)^2 / n, so there is
+//   no cancellation at large offsets. Channels-last blocks take m = block mean (corrected
+//   two-pass); channel-major blocks take one pass with m = the channel's running mean, redone in
+//   two passes when the block mean turns out far from it. Blocks, tasks and threads are merged
+//   with Chan's formula in double.
 // - Second passes (normalize after moments, backward_elemt after backward_reduce) walk each
 //   thread's range in reverse: the data the first pass touched last is still in cache.
 #include "common.hpp"
@@ -385,7 +387,9 @@ inline ClPlan cl_plan(const Geometry& g, int num_threads)
   p.rows = g.n * g.l;
   p.k = g.c >= kWideLanes ? 1 : (kWideLanes + g.c - 1) / g.c;
   p.w = p.k * g.c;
-  p.block = std::max<int64_t>(1, 2 * kBlock / std::max<int64_t>(p.w, 1));
+  // At least 64 super-rows per block: the per-lane work of a block (shift check, Chan merge)
+  // is then small next to the block's data, also for wide rows (BN1d with many channels).
+  p.block = std::max<int64_t>(64, 2 * kBlock / std::max<int64_t>(p.w, 1));
   p.nt = threads_for(num_threads, g.n * g.c * g.l);
   // Each thread should get at least a few super-rows; otherwise fewer threads.
   p.nt = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(p.nt, p.rows / std::max<int64_t>(p.k, 1))));
@@ -468,24 +472,45 @@ void moments_rows(const T* x, const Geometry& g, std::vector<Moments>& out, int 
     std::fill(m2_s, m2_s + p.w + C, 0.0);
     cl_for_blocks(p, C, tid, nt, false, [&](int64_t r0, int64_t nrows, int64_t w) {
       const T* xb = x + r0 * C;
-      std::fill(s.begin(), s.begin() + w, A(0));
-      std::fill(sd.begin(), sd.begin() + w, A(0));
-      std::fill(sdd.begin(), sdd.begin() + w, A(0));
-      A* ps = s.data();
+      A* ps = s.data();  // per-lane shift: the block mean, or the lanes' running mean
       A* psd = sd.data();
       A* psdd = sdd.data();
-      rows_accumulate(nrows, w, ps, [&](int64_t r, int64_t j) { return static_cast<A>(ld(xb[r * w + j])); });
-      const A inv = A(1) / static_cast<A>(nrows);
-#pragma omp simd
-      for (int64_t j = 0; j < w; ++j) { ps[j] *= inv; }  // block mean per lane
-      rows_accumulate2(nrows, w, psd, psdd, [&](int64_t r, int64_t j, A& u, A& v) {
-        u = ld(xb[r * w + j]) - ps[j];
-        v = u * u;
-      });
       const bool tail = p.k > 1 && w == C;  // with k == 1 there are no tail rows
       double* lm = tail ? mean_t : mean_s;
       double* l2 = tail ? m2_t : m2_s;
       double& na = tail ? cnt_tail[tid] : cnt_super[tid];
+      const double nbd = static_cast<double>(nrows);
+      auto deviations = [&] {
+        std::fill(psd, psd + w, A(0));
+        std::fill(psdd, psdd + w, A(0));
+        rows_accumulate2(nrows, w, psd, psdd, [&](int64_t r, int64_t j, A& u, A& v) {
+          u = ld(xb[r * w + j]) - ps[j];
+          v = u * u;
+        });
+      };
+      // One pass shifted by the running lane means when there are some; kept only if every
+      // lane's block mean is within 2 std of its shift (see block_moments_shifted).
+      bool shifted = na > 0;
+      if (shifted) {
+        for (int64_t j = 0; j < w; ++j) { ps[j] = static_cast<A>(lm[j]); }
+        deviations();
+        // d = sd / n; keep when d^2 n <= 4 (sdd - sd d), i.e. 5 sd^2 <= 4 n sdd (no division).
+        int64_t far = 0;
+#pragma omp simd reduction(+ : far)
+        for (int64_t j = 0; j < w; ++j) {
+          const double a = static_cast<double>(psd[j]), b2 = static_cast<double>(psdd[j]);
+          far += !(5.0 * a * a <= 4.0 * nbd * b2);
+        }
+        shifted = far == 0;
+      }
+      if (!shifted) {  // corrected two-pass: block means, then deviations from them
+        std::fill(ps, ps + w, A(0));
+        rows_accumulate(nrows, w, ps, [&](int64_t r, int64_t j) { return static_cast<A>(ld(xb[r * w + j])); });
+        const A inv = A(1) / static_cast<A>(nrows);
+#pragma omp simd
+        for (int64_t j = 0; j < w; ++j) { ps[j] *= inv; }
+        deviations();
+      }
       // Chan merge of this block into the lane moments; the count is the same for every lane.
       const double nb = static_cast<double>(nrows), nab = na + nb;
       const double inv_nb = 1.0 / nb, wb = nb / nab, wab = na * nb / nab;
@@ -716,6 +741,15 @@ void dispatch_param(DType param_dtype, F&& f)
   f(T{});
 }
 
+/// Calls f(T{}, P{}) for the input element type T and the parameter type P.
+template <class F>
+void dispatch_io(DType dtype, DType param_dtype, F&& f)
+{
+  dispatch_dtype(dtype, [&](auto tag) {
+    dispatch_param<decltype(tag)>(param_dtype, [&](auto ptag) { f(tag, ptag); });
+  });
+}
+
 void check_threads(const char* op, int num_threads)
 {
   PYSBN_EXPECTS(num_threads >= 1, std::string(op) + ": num_threads must be >= 1, got " + std::to_string(num_threads));
@@ -833,12 +867,10 @@ void normalize(const void* x, DType dtype, Geometry g, const double* mean, const
   detail::check_ptr("normalize", "mean", mean, data);
   detail::check_ptr("normalize", "invstd", invstd, data);
   if (!data) { return; }
-  dispatch_dtype(dtype, [&](auto tag) {
+  dispatch_io(dtype, param_dtype, [&](auto tag, auto ptag) {
     using T = decltype(tag);
-    dispatch_param<T>(param_dtype, [&](auto ptag) {
-      using P = decltype(ptag);
-      normalize_impl<T, P>(static_cast<const T*>(x), g, mean, invstd, weight, bias, static_cast<T*>(y), num_threads);
-    });
+    normalize_impl<T, decltype(ptag)>(static_cast<const T*>(x), g, mean, invstd, weight, bias, static_cast<T*>(y),
+                                      num_threads);
   });
 }
 
@@ -887,13 +919,10 @@ void backward_elemt(const void* dy, const void* x, DType dtype, Geometry g, cons
   detail::check_ptr("backward_elemt", "sums", sums, data);
   detail::check_ptr("backward_elemt", "count", count, data);
   if (!data) { return; }
-  dispatch_dtype(dtype, [&](auto tag) {
+  dispatch_io(dtype, param_dtype, [&](auto tag, auto ptag) {
     using T = decltype(tag);
-    dispatch_param<T>(param_dtype, [&](auto ptag) {
-      using P = decltype(ptag);
-      elemt_impl<T, P>(static_cast<const T*>(dy), static_cast<const T*>(x), g, mean, invstd, weight, sums, *count,
-                       static_cast<T*>(dx), num_threads);
-    });
+    elemt_impl<T, decltype(ptag)>(static_cast<const T*>(dy), static_cast<const T*>(x), g, mean, invstd, weight, sums,
+                                  *count, static_cast<T*>(dx), num_threads);
   });
 }
 

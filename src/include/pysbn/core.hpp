@@ -27,8 +27,9 @@
  * - A *grad-sums record* is 2C doubles: [sum_dy[0..C), sum_dy_xmu[0..C)], the payload of the
  *   backward sync (summed elementwise across replicas).
  * - Statistics are never raw sum and sum of squares in input precision: each block of values
- *   is reduced with the corrected two-pass scheme (sum of deviations from a block mean, minus
- *   its square over n), blocks and threads are merged with Chan's formula in double.
+ *   is reduced from deviations to a shift near its mean (the corrected two-pass scheme, or one
+ *   pass shifted by the running mean and verified, redone in two passes when the shift is far),
+ *   and blocks and threads are merged with Chan's formula in double.
  * - CPU ops run on host memory with OpenMP, `num_threads` threads (>= 1); results do not
  *   depend on the thread count beyond rounding. CUDA ops run on device memory, asynchronously
  *   on the `stream` passed (a cudaStream_t as void*, nullptr = legacy default stream), never
@@ -87,7 +88,7 @@ namespace cpu {
 void sum_ft(const void* x, DType dtype, Geometry g, double* out, int num_threads);
 
 /// moments: writes the moments record [count = N*L, mean[C], m2[C]] of x to `stats`.
-/// Corrected two-pass per cache block, Chan merge in double. count = 0 gives mean = m2 = 0.
+/// Stable per cache block (see above), Chan merge in double. count = 0 gives mean = m2 = 0.
 void moments(const void* x, DType dtype, Geometry g, double* stats, int num_threads);
 
 /// merge_moments: Chan's parallel merge of k moments records (k*(2C+1) doubles, back to back)
