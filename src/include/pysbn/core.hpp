@@ -130,8 +130,11 @@ void backward_elemt(const void* dy, const void* x, DType dtype, Geometry g, cons
 
 namespace cuda {
 
-// Same contracts as the cpu:: ops, on device pointers, enqueued on `stream` (cudaStream_t).
-// In a build without CUDA each throws std::runtime_error.
+// Same contracts as the cpu:: ops, on device pointers (on the current device), enqueued on
+// `stream` (cudaStream_t). In a build without CUDA each throws std::runtime_error.
+// Differences that come from never reading device data on the host: merge_moments treats a
+// record with a count <= 0 as empty instead of throwing, and backward_elemt with a global
+// count of 0 writes dx = 0.
 
 void sum_ft(const void* x, DType dtype, Geometry g, double* out, void* stream);
 void moments(const void* x, DType dtype, Geometry g, double* stats, void* stream);
