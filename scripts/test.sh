@@ -34,5 +34,4 @@ $PY -m pip install -q .
 echo "== python tests"
 # Run as `pytest` (importlib mode, set in pyproject): the source folder pysbn/ has no compiled
 # _core and must not shadow the installed package.
-$PY -m pytest --version >/dev/null
 pytest -q -p no:cacheprovider tests
