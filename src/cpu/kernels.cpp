@@ -224,6 +224,58 @@ inline void lane_sum2(int64_t len, A& out1, A& out2, F&& f)
   out2 = fold(a2) + t2;
 }
 
+/// Two running sums over a stream of contiguous segments (the planes of one channel): kAccLanes
+/// lanes in the accumulation type that persist across segments (a short plane costs no fold),
+/// flushed into double every kBlock values so each lane adds few values in low precision.
+template <class A>
+struct Stream2 {
+  double s1 = 0, s2 = 0;
+  A a1[kAccLanes] = {}, a2[kAccLanes] = {};
+  int64_t pending = 0;
+
+  /// Adds f(i) -> (u, v) for i < len (len <= kBlock).
+  template <class F>
+  void add(int64_t len, F&& f)
+  {
+    A l1[kAccLanes], l2[kAccLanes];  // local copies: provably not aliased by the data
+    for (int64_t j = 0; j < kAccLanes; ++j) {
+      l1[j] = a1[j];
+      l2[j] = a2[j];
+    }
+    int64_t i = 0;
+    for (; i + kAccLanes <= len; i += kAccLanes) {
+#pragma omp simd
+      for (int64_t j = 0; j < kAccLanes; ++j) {
+        A u, v;
+        f(i + j, u, v);
+        l1[j] += u;
+        l2[j] += v;
+      }
+    }
+    for (int64_t j = 0; i < len; ++i, ++j) {
+      A u, v;
+      f(i, u, v);
+      l1[j] += u;
+      l2[j] += v;
+    }
+    for (int64_t j = 0; j < kAccLanes; ++j) {
+      a1[j] = l1[j];
+      a2[j] = l2[j];
+    }
+    pending += len;
+    if (pending >= kBlock) { flush(); }
+  }
+
+  void flush()
+  {
+    s1 += static_cast<double>(fold(a1));
+    s2 += static_cast<double>(fold(a2));
+    std::fill(a1, a1 + kAccLanes, A(0));
+    std::fill(a2, a2 + kAccLanes, A(0));
+    pending = 0;
+  }
+};
+
 /// Corrected two-pass moments of one contiguous block (fits in L1), in the accumulation type.
 template <class T>
 inline void block_moments(const T* x, int64_t len, double& mean, double& m2)
@@ -433,24 +485,58 @@ inline std::vector<A> replicate(const std::vector<A>& per_channel, int64_t w)
 // ================================================================================================
 // moments
 // ================================================================================================
+/// Moments of one task (channel c, samples [nb, ne)) exactly, block by block: each block
+/// shifted by the running mean and verified (block_moments_shifted), merged with Chan.
+template <class T>
+Moments task_moments_blockwise(const T* x, const Geometry& g, int64_t c, int64_t nb, int64_t ne)
+{
+  Moments acc;
+  for (int64_t n = nb; n < ne; ++n) {
+    const T* plane = x + (n * g.c + c) * g.l;
+    for (int64_t i = 0; i < g.l; i += kBlock) {
+      const int64_t len = std::min(kBlock, g.l - i);
+      double m, m2;
+      block_moments_shifted(plane + i, len, acc.n > 0 ? acc.mean : static_cast<double>(ld(plane[i])), m, m2);
+      acc.merge(static_cast<double>(len), m, m2);
+    }
+  }
+  return acc;
+}
+
 template <class T>
 void moments_cm(const T* x, const Geometry& g, std::vector<Moments>& out, int num_threads)
 {
+  using A = acc_t<T>;
   const CmPlan p = cm_plan(g, num_threads);
   std::vector<Moments> part(static_cast<size_t>(p.tasks));
   parallel(p.nt, [&](int tid, int nt) {
     cm_for_tasks(g, p, tid, nt, false, [&](int64_t t, int64_t c, int64_t nb, int64_t ne) {
-      Moments acc;
+      if (ne <= nb) { return; }
+      // One pass over the whole task, shifted by K = the mean of its first block: the planes
+      // stream through persistent lanes (no per-plane fold or merge, which dominates small
+      // planes). Kept when the task's mean is within 2 std of K; otherwise redone exactly.
+      const T* first = x + (nb * g.c + c) * g.l;
+      const int64_t len0 = std::min(kBlock, g.l);
+      const A k = lane_sum<A>(len0, [&](int64_t i) { return static_cast<A>(ld(first[i])); }) / static_cast<A>(len0);
+      Stream2<A> st;
       for (int64_t n = nb; n < ne; ++n) {
         const T* plane = x + (n * g.c + c) * g.l;
         for (int64_t i = 0; i < g.l; i += kBlock) {
-          int64_t len = std::min(kBlock, g.l - i);
-          double m, m2;
-          block_moments_shifted(plane + i, len, acc.n > 0 ? acc.mean : static_cast<double>(ld(plane[i])), m, m2);
-          acc.merge(static_cast<double>(len), m, m2);
+          const T* b = plane + i;
+          st.add(std::min(kBlock, g.l - i), [&](int64_t j, A& u, A& v) {
+            u = ld(b[j]) - k;
+            v = u * u;
+          });
         }
       }
-      part[t] = acc;
+      st.flush();
+      const double cnt = static_cast<double>((ne - nb) * g.l), d = st.s1 / cnt;
+      const double m2 = st.s2 - st.s1 * d;
+      if (5.0 * st.s1 * st.s1 <= 4.0 * cnt * st.s2) {  // d^2 n <= 4 M2, as block_moments_shifted
+        part[t] = Moments{cnt, static_cast<double>(k) + d, std::max(0.0, m2)};
+      } else {
+        part[t] = task_moments_blockwise(x, g, c, nb, ne);
+      }
     });
   });
   for (int64_t t = 0; t < p.tasks; ++t) { out[t / p.splits].merge(part[t]); }
@@ -603,27 +689,29 @@ void grad_sums(const T* dy, const T* x, const Geometry& g, const SplitMean<acc_t
     std::vector<double> part(2 * p.tasks, 0.0);
     parallel(p.nt, [&](int tid, int nt) {
       cm_for_tasks(g, p, tid, nt, false, [&](int64_t t, int64_t c, int64_t nb, int64_t ne) {
-        double s1 = 0, s2 = 0;
         const A mh = sm.hi[c], ml = sm.lo[c];
+        Stream2<A> st;
         for (int64_t n = nb; n < ne; ++n) {
           const int64_t off = (n * C + c) * g.l;
           for (int64_t i = 0; i < g.l; i += kBlock) {
             const int64_t len = std::min(kBlock, g.l - i);
             const T* d = dy + off + i;
-            A a1 = 0, a2 = 0;
             if (x) {
               const T* xp = x + off + i;
-              lane_sum2<A>(len, a1, a2, [&](int64_t l, A& u, A& v) {
+              st.add(len, [&](int64_t l, A& u, A& v) {
                 u = ld(d[l]);
                 v = u * ((ld(xp[l]) - mh) - ml);
               });
             } else {
-              a1 = lane_sum<A>(len, [&](int64_t l) { return static_cast<A>(ld(d[l])); });
+              st.add(len, [&](int64_t l, A& u, A& v) {
+                u = ld(d[l]);
+                v = 0;
+              });
             }
-            s1 += a1;
-            s2 += a2;
           }
         }
+        st.flush();
+        const double s1 = st.s1, s2 = st.s2;
         part[2 * t] = s1;
         part[2 * t + 1] = s2;
       });
