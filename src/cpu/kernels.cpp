@@ -10,10 +10,10 @@
 //   consecutive rows (W = k*C lanes, lane j is channel j % C) keeps the vectors full.
 // - Statistics: each block of values that fits in L1 is reduced in the accumulation type from
 //   deviations d = x - m to a shift m near its mean, M2 = sum d^2 - (sum d)^2 / n, so there is
-//   no cancellation at large offsets. Channels-last blocks take m = block mean (corrected
-//   two-pass); channel-major blocks take one pass with m = the channel's running mean, redone in
-//   two passes when the block mean turns out far from it. Blocks, tasks and threads are merged
-//   with Chan's formula in double.
+//   no cancellation at large offsets. Channel-major tasks take one pass with m = the mean of
+//   their first block; channels-last blocks one pass with m = the running lane means; either
+//   is verified and redone exactly (per-block shifts, corrected two-pass) when the data's mean
+//   turns out far from m. Blocks, tasks and threads are merged with Chan's formula in double.
 // - Second passes (normalize after moments, backward_elemt after backward_reduce) walk each
 //   thread's range in reverse: the data the first pass touched last is still in cache.
 #include "common.hpp"
