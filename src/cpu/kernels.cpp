@@ -292,6 +292,12 @@ inline void block_moments(const T* x, int64_t len, double& mean, double& m2)
   m2 = std::max(0.0, static_cast<double>(sdd) - static_cast<double>(sd) * static_cast<double>(sd) / len);
 }
 
+/// The check of the one-pass shifted schemes. With s1 = sum(x - K) and s2 = sum((x - K)^2) over
+/// n values, the one-pass result is kept when the mean is within 2 std of the shift K:
+/// d^2 n <= 4 M2 with d = s1 / n and M2 = s2 - s1 d, i.e. 5 s1^2 <= 4 n s2 (no division). That
+/// bounds the rounding error of M2 at about 5 ulp of the sums. False for NaN (then: redo exactly).
+inline bool near_shift(double s1, double s2, double n) { return 5.0 * s1 * s1 <= 4.0 * n * s2; }
+
 /// Moments of one block in one pass, shifted by `shift` (the channel's running mean): with
 /// d = x - shift, M2 = sum d^2 - (sum d)^2 / n. This loses precision only when the block mean is
 /// far from the shift relative to the block's spread, so such blocks (mean more than 2 std from
@@ -306,14 +312,14 @@ inline void block_moments_shifted(const T* x, int64_t len, double shift, double&
     u = ld(x[i]) - k;
     v = u * u;
   });
-  const double n = static_cast<double>(len), d = static_cast<double>(sd) / n;
-  const double m2b = static_cast<double>(sdd) - static_cast<double>(sd) * d;
-  if (!(d * d * n <= 4.0 * m2b)) {  // also catches NaN
+  const double n = static_cast<double>(len);
+  if (!near_shift(sd, sdd, n)) {
     block_moments(x, len, mean, m2);
     return;
   }
+  const double d = static_cast<double>(sd) / n;
   mean = static_cast<double>(k) + d;
-  m2 = m2b;
+  m2 = static_cast<double>(sdd) - static_cast<double>(sd) * d;
 }
 
 /// A float64 mean as hi + lo in the accumulation type: (x - hi) - lo is accurate to the
@@ -532,7 +538,7 @@ void moments_cm(const T* x, const Geometry& g, std::vector<Moments>& out, int nu
       st.flush();
       const double cnt = static_cast<double>((ne - nb) * g.l), d = st.s1 / cnt;
       const double m2 = st.s2 - st.s1 * d;
-      if (5.0 * st.s1 * st.s1 <= 4.0 * cnt * st.s2) {  // d^2 n <= 4 M2, as block_moments_shifted
+      if (near_shift(st.s1, st.s2, cnt)) {
         part[t] = Moments{cnt, static_cast<double>(k) + d, std::max(0.0, m2)};
       } else {
         part[t] = task_moments_blockwise(x, g, c, nb, ne);
@@ -583,13 +589,9 @@ void moments_rows(const T* x, const Geometry& g, std::vector<Moments>& out, int 
       if (shifted) {
         for (int64_t j = 0; j < w; ++j) { ps[j] = static_cast<A>(lm[j]); }
         deviations();
-        // d = sd / n; keep when d^2 n <= 4 (sdd - sd d), i.e. 5 sd^2 <= 4 n sdd (no division).
         int64_t far = 0;
 #pragma omp simd reduction(+ : far)
-        for (int64_t j = 0; j < w; ++j) {
-          const double a = static_cast<double>(psd[j]), b2 = static_cast<double>(psdd[j]);
-          far += !(5.0 * a * a <= 4.0 * nbd * b2);
-        }
+        for (int64_t j = 0; j < w; ++j) { far += !near_shift(psd[j], psdd[j], nbd); }
         shifted = far == 0;
       }
       if (!shifted) {  // corrected two-pass: block means, then deviations from them
