@@ -1,5 +1,10 @@
 # SPDX-License-Identifier: MIT
-"""pysbn: Synchronized Batch Normalization for PyTorch."""
+"""pysbn: Synchronized Batch Normalization for PyTorch.
+
+Drop-in ``nn.BatchNorm1d/2d/3d`` replacements whose training statistics are computed over the
+whole batch spread across DataParallel replicas (:class:`DataParallelWithCallback`) or the ranks
+of a torch.distributed process group (DDP, torchrun; NCCL or Gloo), on a native C++/CUDA core.
+"""
 
 # torch first: it loads its libgomp.so.1, so the core's OpenMP (same soname) binds to that one
 # runtime and the process has a single OpenMP thread pool.
@@ -7,7 +12,44 @@ import torch  # noqa: F401  (imported for its side effect, before _core)
 
 from . import _core
 from . import functional
+from .sync import SyncAbortedError, get_sync_timeout, set_sync_timeout
+from .batchnorm import (
+    ChannelMismatchError,
+    SynchronizedBatchNorm1d,
+    SynchronizedBatchNorm2d,
+    SynchronizedBatchNorm3d,
+    convert_model,
+    get_sbn_eps_mode,
+    patch_sync_batchnorm,
+    revert_model,
+    set_sbn_eps_mode,
+)
+from .replicate import (
+    CallbackContext,
+    DataParallelWithCallback,
+    execute_replication_callbacks,
+    patch_replication_callback,
+)
 
 __version__ = _core.version()
 
-__all__ = ["functional", "__version__"]
+__all__ = [
+    "SynchronizedBatchNorm1d",
+    "SynchronizedBatchNorm2d",
+    "SynchronizedBatchNorm3d",
+    "DataParallelWithCallback",
+    "patch_replication_callback",
+    "execute_replication_callbacks",
+    "CallbackContext",
+    "convert_model",
+    "revert_model",
+    "patch_sync_batchnorm",
+    "set_sbn_eps_mode",
+    "get_sbn_eps_mode",
+    "set_sync_timeout",
+    "get_sync_timeout",
+    "SyncAbortedError",
+    "ChannelMismatchError",
+    "functional",
+    "__version__",
+]

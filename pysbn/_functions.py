@@ -1,0 +1,188 @@
+# SPDX-License-Identifier: MIT
+"""Autograd Functions of the synchronized layers, on the native core.
+
+:class:`SyncBatchNormFunction` (training statistics):
+
+- forward: local ``moments`` -> synchronizer (global record) -> ``finalize`` (mean, invstd, and
+  the running-stat update on the member that owns it) -> ``normalize``;
+- backward: ``backward_reduce`` (local sums, grad_weight, grad_bias) -> synchronizer (global
+  sums) -> ``backward_elemt`` (dx).
+
+:class:`FixedStatsBatchNormFunction` (eval mode with running statistics): ``normalize`` with the
+running statistics; backward ``backward_reduce`` (for the parameter gradients) and
+``backward_elemt`` with zero sums, i.e. ``dx = dy * invstd * weight``.
+
+The tensors were checked by the module (:mod:`pysbn.batchnorm`); these Functions call the core
+through a lean path (one view, direct ``_core`` calls) because small layers are bound by
+per-call overhead. Saved for backward: the input, the weight, mean, invstd (float64, C each) and
+the global count (one float64): nothing else.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import _core
+from . import functional as F
+from .sync import Synchronizer
+
+__all__ = ["SyncBatchNormFunction", "FixedStatsBatchNormFunction", "too_few_values"]
+
+_STATS = F.STATS_DTYPE
+_DT = F._DTYPES
+_EPS_MODES = F._EPS_MODES
+
+
+def too_few_values(shape) -> ValueError:
+    return ValueError(f"Expected more than 1 value per channel when training, got input size "
+                      f"{torch.Size(shape)}")
+
+
+def _run(device: torch.device, cpu_op, cuda_op, *args) -> None:
+    if device.type == "cpu":
+        cpu_op(*args, torch.get_num_threads())
+    else:
+        with torch.cuda.device(device):
+            cuda_op(*args, torch.cuda.current_stream(device).cuda_stream)
+
+
+def _run_serial(device: torch.device, cpu_op, cuda_op, *args) -> None:
+    if device.type == "cpu":
+        cpu_op(*args)
+    else:
+        with torch.cuda.device(device):
+            cuda_op(*args, torch.cuda.current_stream(device).cuda_stream)
+
+
+def _param_default(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def _ptr(t: Optional[torch.Tensor]) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+def _backward(ctx, dy, x, weight, mean, invstd, count, sync, fixed):
+    """backward_reduce (+ sync of the sums) + backward_elemt; returns dx, dw, db."""
+    need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    dev = x.device
+    xv, g = F._view(x)
+    dy = F._in_layout(dy, g[3])
+    c = g[1]
+    pdt = ctx.param_dtype
+    dxt = _DT[x.dtype]
+    gw = torch.empty(c, dtype=pdt, device=dev) if need_w else None
+    gb = torch.empty(c, dtype=pdt, device=dev) if need_b else None
+    sums = None
+    if need_w or need_b or (need_x and not fixed):
+        sums = torch.empty(2 * c, dtype=_STATS, device=dev)
+        _run(dev, _core.cpu_backward_reduce, _core.cuda_backward_reduce,
+             dy.data_ptr(), xv.data_ptr(), dxt, g, mean.data_ptr(), invstd.data_ptr(),
+             sums.data_ptr(), _ptr(gw), _ptr(gb), _DT[pdt])
+    dx = None
+    if need_x:
+        if fixed:
+            gsums = torch.zeros(2 * c, dtype=_STATS, device=dev)
+        elif sync is not None:
+            try:
+                gsums = sync.backward(sums)
+            except BaseException as exc:
+                sync.abort(exc)
+                raise
+        else:
+            gsums = sums
+        dx = F._empty_in_layout(x, g[3])
+        _run(dev, _core.cpu_backward_elemt, _core.cuda_backward_elemt,
+             dy.data_ptr(), xv.data_ptr(), dxt, g, mean.data_ptr(), invstd.data_ptr(),
+             _ptr(weight), _DT[pdt], gsums.data_ptr(), count.data_ptr(), dx.data_ptr())
+    return dx, gw, gb
+
+
+class SyncBatchNormFunction(torch.autograd.Function):
+    """Training-mode batch norm with statistics synchronised by ``sync`` (None: local only).
+
+    ``forward(x, weight, bias, running_mean, running_var, eps, eps_mode, factor, sync)``:
+    ``running_mean``/``running_var`` (both or neither) are updated in place by the member whose
+    synchronizer owns them (``sync.updates_running_stats``), and only once the statistics are
+    known, so a failed synchronisation leaves them untouched.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: Optional[torch.Tensor],
+                bias: Optional[torch.Tensor], running_mean: Optional[torch.Tensor],
+                running_var: Optional[torch.Tensor], eps: float, eps_mode: str, factor: float,
+                sync: Optional[Synchronizer]) -> torch.Tensor:
+        dev = x.device
+        xv, g = F._view(x)
+        n, c, l, _ = g
+        pdt = weight.dtype if weight is not None else (
+            bias.dtype if bias is not None else _param_default(x.dtype))
+        stats = torch.empty(2 * c + 1, dtype=_STATS, device=dev)
+        _run(dev, _core.cpu_moments, _core.cuda_moments, xv.data_ptr(), _DT[x.dtype], g,
+             stats.data_ptr())
+        if sync is not None:
+            try:
+                stats = sync.forward(stats)
+            except BaseException as exc:
+                sync.abort(exc)
+                raise
+            # Global count <= 1 implies a local count <= 1: only then read the global count
+            # (no host synchronisation in the common case).
+            if n * l <= 1 and float(stats[0]) <= 1.0:
+                raise too_few_values(x.shape)
+            update = sync.updates_running_stats
+        else:
+            if n * l == 1:
+                raise too_few_values(x.shape)
+            update = True
+        rm = running_mean if update else None
+        rv = running_var if update else None
+        y = F._empty_in_layout(x, g[3])
+        mean = torch.empty(c, dtype=_STATS, device=dev)
+        invstd = torch.empty(c, dtype=_STATS, device=dev)
+        _run_serial(dev, _core.cpu_finalize, _core.cuda_finalize, c, stats.data_ptr(), eps,
+                    _EPS_MODES[eps_mode], mean.data_ptr(), invstd.data_ptr(), _ptr(rm),
+                    _ptr(rv), _DT[rm.dtype] if rm is not None else _DT[_STATS], factor)
+        _run(dev, _core.cpu_normalize, _core.cuda_normalize, xv.data_ptr(), _DT[x.dtype], g,
+             mean.data_ptr(), invstd.data_ptr(), _ptr(weight), _ptr(bias), _DT[pdt],
+             y.data_ptr())
+        ctx.param_dtype = pdt
+        ctx.sync = sync
+        ctx.save_for_backward(x, weight, mean, invstd, stats[:1])
+        return y
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        x, weight, mean, invstd, count = ctx.saved_tensors
+        dx, gw, gb = _backward(ctx, dy, x, weight, mean, invstd, count, ctx.sync, False)
+        return dx, gw, gb, None, None, None, None, None, None
+
+
+class FixedStatsBatchNormFunction(torch.autograd.Function):
+    """Batch norm with given statistics (eval mode): ``forward(x, weight, bias, mean, invstd)``
+    with ``mean``/``invstd`` float64 of shape (C,)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: Optional[torch.Tensor],
+                bias: Optional[torch.Tensor], mean: torch.Tensor,
+                invstd: torch.Tensor) -> torch.Tensor:
+        dev = x.device
+        xv, g = F._view(x)
+        pdt = weight.dtype if weight is not None else (
+            bias.dtype if bias is not None else _param_default(x.dtype))
+        y = F._empty_in_layout(x, g[3])
+        _run(dev, _core.cpu_normalize, _core.cuda_normalize, xv.data_ptr(), _DT[x.dtype], g,
+             mean.data_ptr(), invstd.data_ptr(), _ptr(weight), _ptr(bias), _DT[pdt],
+             y.data_ptr())
+        ctx.param_dtype = pdt
+        ctx.save_for_backward(x, weight, mean, invstd)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        x, weight, mean, invstd = ctx.saved_tensors
+        one = torch.ones(1, dtype=_STATS, device=x.device)
+        dx, gw, gb = _backward(ctx, dy, x, weight, mean, invstd, one, None, True)
+        return dx, gw, gb, None, None
