@@ -3,66 +3,109 @@
 
 Every claim is a ratio measured in one process, implementations interleaved round-robin:
 
-- ``torch``: ``F.batch_norm`` in training mode, autograd backward;
-- ``pysbn``: the core chain through the tensor layer -- forward ``moments``, ``finalize``,
-  ``normalize``; backward ``backward_reduce``, ``backward_elemt`` (what a synchronised layer runs);
-- ``seed``: the seed's composition -- per-channel sum and sum of squares with torch ops,
+- ``torch``: the ``nn.BatchNorm1d/2d/3d`` layer in training mode, autograd backward with a random
+  upstream gradient (on GPU with cuDNN; ``torch_native`` is the same with cuDNN disabled);
+- ``pysbn``: the :class:`pysbn.SynchronizedBatchNorm2d` (1d/3d) layer in one process, autograd
+  included: what a user's model runs;
+- ``core``: the core chain through :mod:`pysbn.functional` (forward ``moments``, ``finalize``,
+  ``normalize``; backward ``backward_reduce``, ``backward_elemt``): the layer minus its Python;
+- ``seed``: the seed's composition: per-channel sum and sum of squares with torch ops,
   ``(x - mean) * (invstd * w) + b``, autograd backward;
 - probes at the same size and thread count: a read-only sum and a copy.
 
-Times are medians (p10, p90 also in the JSON) of forward and forward+backward; backward is the
-difference. "x of limit" is time / (5 tensor passes at the probe bandwidth), the minimal traffic
-of forward+backward. Numerics: max relative error of the per-channel variance against float64
-at offsets 0, 1e2, 1e3, 1e4.
+Times are medians (p10, p90 in the JSON) of forward and forward+backward; backward is the
+difference. "x of limit" is time / (passes at the probe bandwidth): 2 tensor passes forward and
+5 forward+backward, the minimal traffic. Numerics: max relative error of the per-channel
+variance against float64 at offsets 0, 1e2, 1e3, 1e4. Memory: peak bytes allocated during one
+forward+backward (see :func:`peak_memory`).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
+from torch import nn
 
 from . import _core
 from . import functional as PF
+from .batchnorm import SynchronizedBatchNorm1d, SynchronizedBatchNorm2d, SynchronizedBatchNorm3d
 
-# (id, shape, memory formats)
-PROTOCOL_SHAPES = [
-    ("bn2d_56", (32, 64, 56, 56), ("nchw", "cl")),
-    ("bn2d_14", (64, 256, 14, 14), ("nchw", "cl")),
-    ("bn2d_128", (8, 32, 128, 128), ("nchw", "cl")),
-    ("bn1d", (256, 512), ("nchw",)),
-    ("bn3d", (4, 16, 16, 64, 64), ("nchw", "cl")),
-    ("bn2d_112", (32, 64, 112, 112), ("nchw", "cl")),
-]
-QUICK_SHAPES = [
-    ("bn2d_14", (64, 256, 14, 14), ("nchw", "cl")),
-    ("bn1d", (256, 512), ("nchw",)),
-]
+__all__ = ["SHAPES", "QUICK_SHAPES", "Timing", "measure", "peak_memory", "variance_errors",
+           "environment", "run", "markdown", "chart", "main"]
+
+Fn = Callable[[], object]
+
+# id -> (shape, where): "all" (CPU and GPU) or "gpu" (GPU only), as in the protocol.
+SHAPES: Dict[str, Tuple[Tuple[int, ...], str]] = {
+    "bn2d_56": ((32, 64, 56, 56), "all"),
+    "bn2d_14": ((64, 256, 14, 14), "all"),
+    "bn2d_128": ((8, 32, 128, 128), "all"),
+    "bn1d": ((256, 512), "all"),
+    "bn3d": ((4, 16, 16, 64, 64), "all"),
+    "bn2d_112": ((32, 64, 112, 112), "all"),
+    "gpu_big": ((128, 64, 112, 112), "gpu"),
+    "small_c": ((128, 4, 224, 224), "gpu"),
+}
+QUICK_SHAPES = ("bn2d_14", "bn1d")
+FORMATS = ("nchw", "cl")
+NUMERICS_SHAPE = (32, 64, 28, 28)
+OFFSETS = (0.0, 1e2, 1e3, 1e4)
 EPS = 1e-5
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+           "float64": torch.float64}
+_SHORT = {"float32": "f32", "float16": "f16", "bfloat16": "bf16", "float64": "f64"}
 
 
 # ---- implementations ---------------------------------------------------------------------------
-def _torch_impl(x, w, b, dy):
+def _layers(ndim: int) -> Tuple[type, type]:
+    if ndim in (2, 3):
+        return nn.BatchNorm1d, SynchronizedBatchNorm1d
+    if ndim == 4:
+        return nn.BatchNorm2d, SynchronizedBatchNorm2d
+    if ndim == 5:
+        return nn.BatchNorm3d, SynchronizedBatchNorm3d
+    raise ValueError(f"no batch-norm layer for {ndim}-D inputs")
+
+
+def _layer_impl(layer: nn.Module, x: torch.Tensor, dy: torch.Tensor) -> Tuple[Fn, Fn]:
+    """Forward and forward+backward of a batch-norm layer in training mode."""
+    layer.train()
+
     def fwd():
-        return F.batch_norm(x, None, None, w, b, True, 0.1, EPS)
+        return layer(x)
 
     def fwd_bwd():
-        xg = x.detach().requires_grad_()
-        y = F.batch_norm(xg, None, None, w, b, True, 0.1, EPS)
+        layer.weight.grad = None  # as an optimizer's zero_grad(set_to_none=True)
+        layer.bias.grad = None
+        y = layer(x.detach().requires_grad_())
         y.backward(dy)
 
     return fwd, fwd_bwd
 
 
-def _pysbn_impl(x, w, b, dy):
+def _with_cudnn(enabled: bool, fns: Tuple[Fn, Fn]) -> Tuple[Fn, Fn]:
+    def wrap(fn):
+        def call():
+            with torch.backends.cudnn.flags(enabled=enabled):
+                return fn()
+        return call
+
+    return wrap(fns[0]), wrap(fns[1])
+
+
+def _core_impl(x, w, b, dy) -> Tuple[Fn, Fn]:
+    """The core chain through pysbn.functional: the layer's work without autograd or Python."""
     def fwd():
         stats = PF.moments(x)
         mean, invstd = PF.finalize(stats, EPS)
@@ -77,7 +120,8 @@ def _pysbn_impl(x, w, b, dy):
 
 
 def _seed_forward(x, w, b, eps=EPS):
-    """The seed's composition (vacancy's _sum_ft / _compute_mean_std, eps clamp)."""
+    """The seed's composition (vacancy's _sum_ft / _compute_mean_std, eps clamp); returns y and
+    the unbiased variance."""
     n, c = x.shape[0], x.shape[1]
     v = x.reshape(n, c, -1)
     size = v.shape[0] * v.shape[2]
@@ -91,19 +135,24 @@ def _seed_forward(x, w, b, eps=EPS):
     return (x - mean.view(shape)) * (invstd * w).view(shape) + b.view(shape), sumvar / (size - 1)
 
 
-def _seed_impl(x, w, b, dy):
+def _seed_impl(x, w, b, dy) -> Tuple[Fn, Fn]:
+    # The seed's layer holds its parameters in the model's dtype.
+    ws = w.detach().to(x.dtype).clone().requires_grad_()
+    bs = b.detach().to(x.dtype).clone().requires_grad_()
+
     def fwd():
-        return _seed_forward(x, w, b)[0]
+        return _seed_forward(x, ws, bs)[0]
 
     def fwd_bwd():
+        ws.grad = bs.grad = None
         xg = x.detach().requires_grad_()
-        y, _ = _seed_forward(xg, w, b)
+        y, _ = _seed_forward(xg, ws, bs)
         y.backward(dy)
 
     return fwd, fwd_bwd
 
 
-def _probes(x):
+def _probes(x) -> Tuple[Fn, Fn]:
     out = torch.empty_like(x)
 
     def read():
@@ -115,75 +164,265 @@ def _probes(x):
     return read, copy
 
 
+def _make_impls(x, dy, w, b) -> Dict[str, Tuple[Fn, Fn]]:
+    """Every implementation of one row, keyed by name (torch first: the reference)."""
+    c = x.shape[1]
+    torch_cls, sbn_cls = _layers(x.dim())
+    pdt = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+    layers = {}
+    for name, cls in (("torch", torch_cls), ("pysbn", sbn_cls)):
+        layer = cls(c, eps=EPS, device=x.device, dtype=pdt)
+        with torch.no_grad():
+            layer.weight.copy_(w)
+            layer.bias.copy_(b)
+        layers[name] = layer
+    impls = {}
+    if x.is_cuda:
+        impls["torch"] = _with_cudnn(True, _layer_impl(layers["torch"], x, dy))
+        native = torch_cls(c, eps=EPS, device=x.device, dtype=pdt)
+        with torch.no_grad():
+            native.weight.copy_(w)
+            native.bias.copy_(b)
+        impls["torch_native"] = _with_cudnn(False, _layer_impl(native, x, dy))
+    else:
+        impls["torch"] = _layer_impl(layers["torch"], x, dy)
+    impls["pysbn"] = _layer_impl(layers["pysbn"], x, dy)
+    impls["core"] = _core_impl(x, w.to(pdt), b.to(pdt), dy)
+    impls["seed"] = _seed_impl(x, w, b, dy)
+    return impls
+
+
 # ---- timing ------------------------------------------------------------------------------------
 @dataclass
 class Timing:
-    samples: list
+    """Samples of one function, in seconds."""
+
+    samples: List[float]
 
     @property
-    def median(self):
+    def median(self) -> float:
         return statistics.median(self.samples)
 
-    def pct(self, q):
+    def pct(self, q: float) -> float:
+        """The q-quantile (nearest rank)."""
         s = sorted(self.samples)
         return s[min(len(s) - 1, max(0, int(round(q * (len(s) - 1)))))]
 
 
-def _time_round(fn, reps):
-    out = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t0)
-    return out
+def _timer(device: torch.device) -> Callable[[Fn, int], List[float]]:
+    if device.type == "cuda":
+        start = torch.cuda.Event(enable_timing=True)
+        end = torch.cuda.Event(enable_timing=True)
+
+        def run_cuda(fn, reps):
+            out = []
+            for _ in range(reps):
+                start.record()
+                fn()
+                end.record()
+                end.synchronize()  # no overlap between repetitions
+                out.append(start.elapsed_time(end) * 1e-3)
+            return out
+
+        return run_cuda
+
+    def run_cpu(fn, reps):
+        out = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - t0)
+        return out
+
+    return run_cpu
 
 
-def measure(fns: dict, warmup: int, reps: int, rounds: int, min_time: float) -> dict:
-    """Interleaved round-robin: each round runs every fn `reps/rounds` times (more if fast)."""
+def measure(fns: Dict[str, Fn], warmup: int, reps: int, rounds: int, min_time: float,
+            device: torch.device = torch.device("cpu")) -> Dict[str, Timing]:
+    """Times every function, interleaved round-robin.
+
+    Each function gets ``warmup`` calls, then ``rounds`` rounds; in each round every function
+    runs ``max(reps / rounds, min_time / rounds / t)`` times in turn (t: one call's time), so
+    each gets at least ``reps`` samples and about ``min_time`` seconds in all.
+    """
+    timer = _timer(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     for fn in fns.values():
         for _ in range(warmup):
             fn()
-    # Repetitions per round: enough for reps in total and for about min_time per fn.
     per = {}
     for name, fn in fns.items():
-        t0 = time.perf_counter()
-        fn()
-        dt = max(time.perf_counter() - t0, 1e-6)
-        per[name] = max(math.ceil(reps / rounds), math.ceil(min_time / rounds / dt))
-    samples = {name: [] for name in fns}
-    for _ in range(rounds):
+        dt = max(timer(fn, 1)[0], 1e-7)
+        per[name] = max(math.ceil(reps / rounds), math.ceil(min_time / rounds / dt), 1)
+    samples: Dict[str, List[float]] = {name: [] for name in fns}
+    for _ in range(max(rounds, 1)):
         for name, fn in fns.items():
-            samples[name] += _time_round(fn, per[name])
+            samples[name] += timer(fn, per[name])
     return {name: Timing(s) for name, s in samples.items()}
 
 
+# ---- memory ------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _quiet_stderr() -> Iterator[None]:
+    """Silences file descriptor 2 (the profiler's native start/stop lines)."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):
+        yield
+        return
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def _cpu_peak(fn: Fn) -> Optional[int]:
+    """Peak of (bytes allocated - bytes freed) on the CPU while ``fn`` runs, from the memory
+    events of torch.profiler (every allocation and free through torch's CPU allocator)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with _quiet_stderr():
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            fn()
+    try:
+        events = [(e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                  if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU]
+    except AttributeError:  # a torch without these (private) accessors
+        return None
+    cur = peak = 0
+    for _, nbytes in sorted(events):
+        cur += nbytes
+        peak = max(peak, cur)
+    return peak
+
+
+def _saved_bytes(fn: Callable[[], torch.Tensor], exclude: Sequence[torch.Tensor]) -> int:
+    """Bytes of the distinct storages autograd saves for backward while ``fn`` runs, not
+    counting those of ``exclude`` (the input and the parameters, which exist anyway)."""
+    skip = {t.untyped_storage().data_ptr() for t in exclude}
+    seen: Dict[int, int] = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in skip:
+            seen[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = fn()
+    del y
+    return sum(seen.values())
+
+
+def peak_memory(module_or_fn, x: torch.Tensor, dy: torch.Tensor,
+                params: Sequence[torch.Tensor] = ()) -> Dict[str, Optional[float]]:
+    """Memory of one training forward+backward, in bytes.
+
+    ``peak``: the highest ``allocated - freed`` while ``y = f(x); y.backward(dy)`` runs, with
+    ``y`` alive until the backward ends (as a loss keeps it), so it counts y, dx, the parameter
+    gradients, what autograd saves and every temporary; the input, dy and the parameters exist
+    before and are not counted. On CUDA: ``torch.cuda.max_memory_allocated`` minus
+    ``memory_allocated`` before the call; on CPU: the running sum of torch.profiler's memory
+    events (allocations and frees through torch's CPU allocator; the native core's own
+    per-thread scratch, O(threads x C) with std::vector, is not seen). ``saved``: the part
+    autograd holds between forward and backward (distinct storages saved for backward, other
+    than the input and the parameters).
+    """
+    f = module_or_fn
+
+    def once():
+        for p in params:
+            p.grad = None
+        y = f(x.detach().requires_grad_())
+        y.backward(dy)
+        del y
+
+    once()  # warm: lazy initialisation is not part of the peak
+    if x.is_cuda:
+        dev = x.device
+        torch.cuda.synchronize(dev)
+        for p in params:
+            p.grad = None
+        torch.cuda.reset_peak_memory_stats(dev)
+        base = torch.cuda.memory_allocated(dev)
+        once()
+        torch.cuda.synchronize(dev)
+        peak: Optional[int] = torch.cuda.max_memory_allocated(dev) - base
+    else:
+        for p in params:
+            p.grad = None
+        peak = _cpu_peak(once)
+    saved = _saved_bytes(lambda: f(x.detach().requires_grad_()), [x, *params])
+    return {"peak_bytes": peak, "saved_bytes": saved}
+
+
+def _memory_row(x, dy, w, b) -> dict:
+    c = x.shape[1]
+    torch_cls, sbn_cls = _layers(x.dim())
+    pdt = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+    out = {}
+    for name, cls in (("torch", torch_cls), ("pysbn", sbn_cls)):
+        layer = cls(c, eps=EPS, device=x.device, dtype=pdt).train()
+        out[name] = peak_memory(layer, x, dy, [layer.weight, layer.bias])
+    ws = w.detach().to(x.dtype).clone().requires_grad_()
+    bs = b.detach().to(x.dtype).clone().requires_grad_()
+    out["seed"] = peak_memory(lambda t: _seed_forward(t, ws, bs)[0], x, dy, [ws, bs])
+    return out
+
+
 # ---- numerics ----------------------------------------------------------------------------------
-def variance_errors(shape, memory_format, offsets=(0.0, 1e2, 1e3, 1e4)) -> dict:
-    """Max relative error of the per-channel (unbiased) variance vs float64, per implementation."""
+def variance_errors(shape: Sequence[int], memory_format: torch.memory_format,
+                    device: str = "cpu", offsets: Sequence[float] = OFFSETS) -> dict:
+    """Max relative error of the per-channel (unbiased) variance vs float64, per implementation.
+
+    torch and pysbn: the layer's ``running_var`` after one training step with momentum 1 (the
+    batch variance as a user's model stores it, float32); core: the float64 statistics of
+    ``pysbn.functional.moments``; seed: its sum / sum-of-squares variance.
+    """
     g = torch.Generator().manual_seed(0)
     out = {}
+    c = shape[1]
+    torch_cls, sbn_cls = _layers(len(shape))
     for off in offsets:
-        x = (torch.randn(shape, generator=g) + off).contiguous(memory_format=memory_format)
+        x = (torch.randn(tuple(shape), generator=g) + off).to(device)
+        x = x.contiguous(memory_format=memory_format)
         dims = [0] + list(range(2, x.dim()))
         ref = x.double().var(dim=dims, unbiased=True)
-        c = x.shape[1]
-        rv = torch.zeros(c)
-        F.batch_norm(x, torch.zeros(c), rv, None, None, True, 1.0, EPS)
-        stats = PF.moments(x)
-        count = stats[0].double()
-        ours = stats[1 + c:].double() / (count - 1)
-        _, seed_var = _seed_forward(x, torch.ones(c), torch.zeros(c))
+        errs = {}
 
         def err(v):
             return float(((v.double() - ref).abs() / ref).max())
 
-        out[f"{off:g}"] = {"torch": err(rv), "pysbn": err(ours), "seed": err(seed_var)}
+        for name, cls in (("torch", torch_cls), ("pysbn", sbn_cls)):
+            layer = cls(c, momentum=1.0, device=device).train()
+            with torch.no_grad():
+                layer(x)
+            errs[name] = err(layer.running_var)
+        stats = PF.moments(x)
+        errs["core"] = err(stats[1 + c:] / (stats[0] - 1))
+        _, seed_var = _seed_forward(x, torch.ones(c, device=device), torch.zeros(c, device=device))
+        errs["seed"] = err(seed_var)
+        out[f"{off:g}"] = errs
     return out
 
 
 # ---- environment -------------------------------------------------------------------------------
-def environment(threads) -> dict:
-    cpu = platform.processor()
+def _read(path: str) -> Optional[str]:
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def environment(threads: Sequence[int]) -> dict:
+    """The machine, the software and the settings a result depends on."""
+    cpu = platform.processor() or platform.machine()
     caches = {}
     try:
         with open("/proc/cpuinfo") as f:
@@ -194,154 +433,528 @@ def environment(threads) -> dict:
         base = "/sys/devices/system/cpu/cpu0/cache"
         for idx in sorted(os.listdir(base)):
             p = os.path.join(base, idx)
-            with open(os.path.join(p, "level")) as f1, open(os.path.join(p, "type")) as f2, open(
-                os.path.join(p, "size")
-            ) as f3:
-                caches[f"L{f1.read().strip()}{f2.read().strip()[0].lower()}"] = f3.read().strip()
+            level, kind, size = (_read(os.path.join(p, k)) for k in ("level", "type", "size"))
+            if level and kind and size:
+                caches[f"L{level}{kind[0].lower()}"] = size
     except OSError:
         pass
+    mem = None
+    meminfo = _read("/proc/meminfo")
+    if meminfo:
+        for line in meminfo.splitlines():
+            if line.startswith("MemTotal:"):
+                mem = f"{int(line.split()[1]) / 2**20:.1f} GiB"
     env = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "host": platform.node(),
         "cpu": cpu,
         "cores": os.cpu_count(),
         "caches": caches,
+        "memory": mem,
+        "os": platform.platform(),
         "python": platform.python_version(),
         "torch": torch.__version__,
+        "torch_threads_default": torch.get_num_threads(),
         "pysbn": _core.version(),
         "pysbn_cuda": _core.built_with_cuda(),
+        "pysbn_cuda_archs": _core.cuda_architectures() if _core.built_with_cuda() else None,
         "pysbn_openmp": _core.built_with_openmp(),
         "threads": list(threads),
         "allocator": os.environ.get("GLIBC_TUNABLES", "glibc default"),
+        "transparent_hugepage": _read("/sys/kernel/mm/transparent_hugepage/enabled"),
+        "env": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "PYSBN_NO_HUGEPAGE",
+                                           "THP_MEM_ALLOC_ENABLE", "PYTORCH_CUDA_ALLOC_CONF")
+                if k in os.environ},
     }
     if torch.cuda.is_available():
-        env["gpu"] = torch.cuda.get_device_name()
+        gpus = []
+        for i in range(torch.cuda.device_count()):
+            p = torch.cuda.get_device_properties(i)
+            gpus.append({"name": p.name, "capability": f"{p.major}.{p.minor}",
+                         "memory_GiB": round(p.total_memory / 2**30, 1),
+                         "multiprocessors": p.multi_processor_count})
+        env["gpus"] = gpus
+        env["gpu"] = gpus[0]["name"]
         env["cuda"] = torch.version.cuda
+        env["cudnn"] = torch.backends.cudnn.version()
+        try:
+            env["driver"] = subprocess.run(
+                ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                capture_output=True, text=True, timeout=10).stdout.strip().splitlines()[0]
+        except (OSError, subprocess.SubprocessError, IndexError):
+            env["driver"] = None
     return env
 
 
 # ---- driver ------------------------------------------------------------------------------------
-def _progress(i, n, label):
-    width = 30
-    done = int(width * i / max(n, 1))
-    sys.stderr.write(f"\r[{'#' * done}{'.' * (width - done)}] {i}/{n} {label:<32}")
-    sys.stderr.flush()
-    if i == n:
-        sys.stderr.write("\n")
+class _Progress:
+    """A one-line plain-text progress bar on stderr, with the time left."""
+
+    def __init__(self, total: int, enabled: bool = True) -> None:
+        self.total, self.enabled, self.t0 = max(total, 1), enabled, time.perf_counter()
+
+    def show(self, i: int, label: str) -> None:
+        if not self.enabled:
+            return
+        width = 30
+        done = int(width * i / self.total)
+        el = time.perf_counter() - self.t0
+        eta = f"~{el / i * (self.total - i):.0f} s left" if i else ""
+        sys.stderr.write(f"\r[{'#' * done}{'.' * (width - done)}] {i}/{self.total} "
+                         f"{label:<30} {eta:<14}")
+        if i >= self.total:
+            sys.stderr.write(f"\n{el:.0f} s\n")
+        sys.stderr.flush()
 
 
-def run(shapes, threads, warmup, reps, rounds, min_time, numerics=True) -> dict:
-    rows = []
-    jobs = [(sid, shp, fmt, t) for t in threads for sid, shp, fmts in shapes for fmt in fmts]
-    old_threads = torch.get_num_threads()
-    for i, (sid, shape, fmt, nt) in enumerate(jobs):
-        _progress(i, len(jobs), f"{sid} {fmt} {nt}t")
-        torch.set_num_threads(nt)
-        mf = _memory_format(shape, fmt)
-        g = torch.Generator().manual_seed(1)
-        x = torch.randn(shape, generator=g).contiguous(memory_format=mf)
-        dy = torch.randn(shape, generator=g).contiguous(memory_format=mf)
-        c = shape[1]
-        w, b = torch.rand(c, generator=g) + 0.5, torch.randn(c, generator=g)
-        impls = {"torch": _torch_impl(x, w, b, dy), "pysbn": _pysbn_impl(x, w, b, dy), "seed": _seed_impl(x, w, b, dy)}
-        read, copy = _probes(x)
-        fns = {}
-        for name, (f, fb) in impls.items():
-            fns[name + ".fwd"] = f
-            fns[name + ".fwdbwd"] = fb
-        fns["probe.read"] = read
-        fns["probe.copy"] = copy
-        t = measure(fns, warmup, reps, rounds, min_time)
-        nbytes = x.numel() * x.element_size()
-        bw = max(nbytes / t["probe.read"].median, 2 * nbytes / t["probe.copy"].median)
-        limit = 5 * nbytes / bw
-        row = {"id": sid, "shape": list(shape), "format": fmt, "threads": nt, "bytes": nbytes,
-               "probe_GBps": bw / 1e9, "limit_fwdbwd_ms": limit * 1e3}
-        for name in impls:
-            tf, tfb = t[name + ".fwd"], t[name + ".fwdbwd"]
-            row[name] = {"fwd_ms": tf.median * 1e3, "fwd_p10_ms": tf.pct(0.1) * 1e3, "fwd_p90_ms": tf.pct(0.9) * 1e3,
-                         "fwdbwd_ms": tfb.median * 1e3, "fwdbwd_p10_ms": tfb.pct(0.1) * 1e3,
-                         "fwdbwd_p90_ms": tfb.pct(0.9) * 1e3, "bwd_ms": (tfb.median - tf.median) * 1e3,
-                         "x_of_limit": tfb.median / limit}
-        row["speedup_vs_torch"] = row["torch"]["fwdbwd_ms"] / row["pysbn"]["fwdbwd_ms"]
-        row["speedup_vs_torch_fwd"] = row["torch"]["fwd_ms"] / row["pysbn"]["fwd_ms"]
-        row["speedup_vs_seed"] = row["seed"]["fwdbwd_ms"] / row["pysbn"]["fwdbwd_ms"]
-        rows.append(row)
-    _progress(len(jobs), len(jobs), "done")
-    torch.set_num_threads(old_threads)
-    result = {"environment": environment(threads), "rows": rows,
-              "settings": {"warmup": warmup, "reps": reps, "rounds": rounds, "min_time_s": min_time}}
-    if numerics:
-        result["numerics"] = {fmt: variance_errors((32, 64, 28, 28), _memory_format((32, 64, 28, 28), fmt))
-                              for fmt in ("nchw", "cl")}
-    return result
-
-
-def _memory_format(shape, fmt):
+def _memory_format(shape: Sequence[int], fmt: str) -> torch.memory_format:
     if fmt == "cl":
-        return torch.channels_last if len(shape) == 4 else torch.channels_last_3d
+        if len(shape) == 4:
+            return torch.channels_last
+        if len(shape) == 5:
+            return torch.channels_last_3d
+        raise ValueError(f"channels_last needs a 4-D or 5-D shape, got {tuple(shape)}")
     return torch.contiguous_format
 
 
-def geomean(values):
-    values = list(values)
+def _formats(shape: Sequence[int], formats: Sequence[str]) -> List[str]:
+    return [f for f in formats if f == "nchw" or len(shape) in (4, 5)]
+
+
+def _inputs(shape, fmt, dtype, device):
+    mf = _memory_format(shape, fmt)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(shape, generator=g).to(device=device, dtype=dtype).contiguous(memory_format=mf)
+    dy = torch.randn(shape, generator=g).to(device=device, dtype=dtype).contiguous(memory_format=mf)
+    c = shape[1]
+    pdt = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+    w = (torch.rand(c, generator=g) + 0.5).to(device=device, dtype=pdt)
+    b = torch.randn(c, generator=g).to(device=device, dtype=pdt)
+    return x, dy, w, b
+
+
+def _timing_dict(tf: Timing, tfb: Timing, limit_fwd: float, limit: float, nbytes: int) -> dict:
+    return {"fwd_ms": tf.median * 1e3, "fwd_p10_ms": tf.pct(0.1) * 1e3,
+            "fwd_p90_ms": tf.pct(0.9) * 1e3, "fwdbwd_ms": tfb.median * 1e3,
+            "fwdbwd_p10_ms": tfb.pct(0.1) * 1e3, "fwdbwd_p90_ms": tfb.pct(0.9) * 1e3,
+            "bwd_ms": (tfb.median - tf.median) * 1e3, "x_of_limit": tfb.median / limit,
+            "x_of_limit_fwd": tf.median / limit_fwd,
+            # the GPU target's model: 3 passes forward (stats read, normalize read + write) and
+            # 5 backward (reduce reads dy, x; elemt reads dy, x, writes dx)
+            "eff_GBps_8pass": 8 * nbytes / tfb.median / 1e9, "n": len(tfb.samples)}
+
+
+def _bench_row(sid, shape, fmt, dtype_name, device, nt, settings) -> dict:
+    dtype = _DTYPES[dtype_name]
+    x, dy, w, b = _inputs(shape, fmt, dtype, device)
+    impls = _make_impls(x, dy, w, b)
+    errors = {}
+    fns: Dict[str, Fn] = {}
+    for name, (f, fb) in impls.items():
+        try:  # an implementation that cannot run this case is reported, not fatal
+            f()
+            fb()
+        except Exception as exc:  # noqa: BLE001
+            errors[name] = f"{type(exc).__name__}: {exc}"
+            continue
+        fns[name + ".fwd"], fns[name + ".fwdbwd"] = f, fb
+    read, copy = _probes(x)
+    fns["probe.read"], fns["probe.copy"] = read, copy
+    t = measure(fns, settings["warmup"], settings["reps"], settings["rounds"],
+                settings["min_time_s"], device)
+    nbytes = x.numel() * x.element_size()
+    bw = max(nbytes / t["probe.read"].median, 2 * nbytes / t["probe.copy"].median)
+    limit_fwd, limit = 2 * nbytes / bw, 5 * nbytes / bw
+    row = {"id": sid, "shape": list(shape), "format": fmt, "dtype": dtype_name,
+           "device": device.type, "threads": nt, "bytes": nbytes,
+           "probe_GBps": bw / 1e9, "probe_read_ms": t["probe.read"].median * 1e3,
+           "probe_copy_ms": t["probe.copy"].median * 1e3,
+           "limit_fwd_ms": limit_fwd * 1e3, "limit_fwdbwd_ms": limit * 1e3}
+    for name in impls:
+        if name in errors:
+            row[name] = {"error": errors[name]}
+        else:
+            row[name] = _timing_dict(t[name + ".fwd"], t[name + ".fwdbwd"], limit_fwd, limit,
+                                     nbytes)
+
+    def ratio(a, key="fwdbwd_ms"):
+        if "error" in row.get(a, {"error": 1}) or "error" in row["pysbn"]:
+            return None
+        return row[a][key] / row["pysbn"][key]
+
+    row["speedup_vs_torch"] = ratio("torch")
+    row["speedup_vs_torch_fwd"] = ratio("torch", "fwd_ms")
+    row["speedup_vs_seed"] = ratio("seed")
+    if "torch_native" in row:
+        row["speedup_vs_torch_native"] = ratio("torch_native")
+    row["core_vs_layer"] = ratio("core")  # < 1: the layer's Python and autograd cost
+    return row
+
+
+def run(shapes: Sequence[str], threads: Sequence[int], settings: dict,
+        devices: Sequence[str] = ("cpu",), dtypes: Optional[Dict[str, Sequence[str]]] = None,
+        formats: Sequence[str] = FORMATS, numerics: bool = True, memory: bool = True,
+        custom: Optional[Dict[str, Tuple[int, ...]]] = None, progress: bool = True) -> dict:
+    """Runs the protocol; returns every figure (see :func:`main` for the files written).
+
+    Parameters
+    ----------
+    shapes : sequence of str
+        Shape ids of :data:`SHAPES` (GPU-only ids are skipped on CPU) or keys of ``custom``.
+    threads : sequence of int
+        CPU thread counts (``torch.set_num_threads``); GPU rows run once.
+    settings : dict
+        ``warmup``, ``reps``, ``rounds``, ``min_time_s`` (see :func:`measure`).
+    devices : sequence of str
+        ``"cpu"`` and/or ``"cuda"``.
+    dtypes : dict, optional
+        Per device type, dtype names; default float32 on CPU, float32/float16/bfloat16 on CUDA.
+    """
+    table = {k: v for k, v in SHAPES.items()}
+    for k, shp in (custom or {}).items():
+        table[k] = (tuple(shp), "all")
+    dtypes = dtypes or {"cpu": ["float32"], "cuda": ["float32", "float16", "bfloat16"]}
+    jobs = []  # (kind, device, dtype, threads, id, shape, fmt)
+    for dev in devices:
+        for dt in dtypes.get(dev, ["float32"]):
+            for nt in (threads if dev == "cpu" else [torch.get_num_threads()]):
+                for sid in shapes:
+                    shape, where = table[sid]
+                    if where == "gpu" and dev != "cuda":
+                        continue
+                    for fmt in _formats(shape, formats):
+                        jobs.append(("time", dev, dt, nt, sid, shape, fmt))
+        if memory:
+            for dt in dtypes.get(dev, ["float32"]):
+                for sid in shapes:
+                    shape, where = table[sid]
+                    if where == "gpu" and dev != "cuda":
+                        continue
+                    for fmt in _formats(shape, formats):
+                        jobs.append(("memory", dev, dt, None, sid, shape, fmt))
+        if numerics:
+            for fmt in _formats(NUMERICS_SHAPE, formats):
+                jobs.append(("numerics", dev, "float32", None, "numerics", NUMERICS_SHAPE, fmt))
+    bar = _Progress(len(jobs), progress)
+    rows, mem_rows, num = [], [], {}
+    old_threads = torch.get_num_threads()
+    try:
+        for i, (kind, dev, dt, nt, sid, shape, fmt) in enumerate(jobs):
+            label = f"{kind[:3]} {sid} {fmt} {_SHORT.get(dt, dt)}" + (f" {nt}t" if nt else "") \
+                + (" gpu" if dev == "cuda" else "")
+            bar.show(i, label)
+            device = torch.device(dev)
+            if kind == "time":
+                torch.set_num_threads(nt)
+                rows.append(_bench_row(sid, shape, fmt, dt, device, nt, settings))
+            elif kind == "memory":
+                torch.set_num_threads(old_threads)
+                x, dy, w, b = _inputs(shape, fmt, _DTYPES[dt], device)
+                m = {"id": sid, "shape": list(shape), "format": fmt, "dtype": dt, "device": dev,
+                     "input_bytes": x.numel() * x.element_size()}
+                try:
+                    m.update(_memory_row(x, dy, w, b))
+                except Exception as exc:  # noqa: BLE001 - reported, not fatal
+                    m["error"] = f"{type(exc).__name__}: {exc}"
+                mem_rows.append(m)
+            else:
+                torch.set_num_threads(old_threads)
+                num.setdefault(dev, {})[fmt] = variance_errors(
+                    shape, _memory_format(shape, fmt), dev)
+            if dev == "cuda":
+                torch.cuda.empty_cache()
+        bar.show(len(jobs), "done")
+    finally:
+        torch.set_num_threads(old_threads)
+    result = {"environment": environment(threads), "rows": rows, "settings": dict(settings)}
+    if memory:
+        result["memory"] = mem_rows
+        result["memory_method"] = (
+            "peak of (allocated - freed) bytes during y = layer(x); y.backward(dy), y alive "
+            "until backward ends; input, dy and parameters not counted. CPU: running sum of "
+            "torch.profiler memory events; CUDA: max_memory_allocated - memory_allocated before. "
+            "saved = distinct storages saved for backward other than input and parameters.")
+    if numerics:
+        result["numerics"] = num.get("cpu", {})
+        if "cuda" in num:
+            result["numerics_cuda"] = num["cuda"]
+    return result
+
+
+def geomean(values: Sequence[float]) -> float:
+    """Geometric mean (nan for an empty sequence)."""
+    values = [v for v in values if v is not None]
     return math.exp(sum(math.log(v) for v in values) / len(values)) if values else float("nan")
 
 
-def markdown(result) -> str:
-    lines = ["| shape | fmt | thr | torch fwd ms | pysbn fwd ms | torch f+b ms | pysbn f+b ms | seed f+b ms "
-             "| vs torch f+b | vs torch fwd | vs seed | pysbn x of limit |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+def _ms(r: dict, impl: str, key: str) -> str:
+    d = r.get(impl)
+    if d is None:
+        return "-"
+    return "err" if "error" in d else f"{d[key]:.3f}"
+
+
+def _x(v: Optional[float]) -> str:
+    return "-" if v is None else f"{v:.2f}x"
+
+
+def _mb(v: Optional[float]) -> str:
+    if v is None:
+        return "n/a"
+    return f"{v / 1e6:.1f}" if v >= 1e7 else f"{v / 1e6:.3g}"
+
+
+def markdown(result: dict) -> str:
+    """The Markdown tables: times and ratios, summaries, memory, numerics."""
+    lines: List[str] = []
+    cpu = [r for r in result["rows"] if r["device"] == "cpu"]
+    gpu = [r for r in result["rows"] if r["device"] == "cuda"]
+    if cpu:
+        lines += ["| shape | fmt | dtype | thr | torch fwd ms | pysbn fwd ms | torch f+b ms "
+                  "| pysbn f+b ms | core f+b ms | seed f+b ms | vs torch f+b | vs torch fwd "
+                  "| vs seed | pysbn x of limit |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in cpu:
+            xl = r["pysbn"].get("x_of_limit")
+            lines.append(
+                f"| {r['id']} {tuple(r['shape'])} | {r['format']} | {r['dtype']} | {r['threads']} "
+                f"| {_ms(r, 'torch', 'fwd_ms')} | {_ms(r, 'pysbn', 'fwd_ms')} "
+                f"| {_ms(r, 'torch', 'fwdbwd_ms')} | {_ms(r, 'pysbn', 'fwdbwd_ms')} "
+                f"| {_ms(r, 'core', 'fwdbwd_ms')} | {_ms(r, 'seed', 'fwdbwd_ms')} "
+                f"| {_x(r['speedup_vs_torch'])} | {_x(r['speedup_vs_torch_fwd'])} "
+                f"| {_x(r['speedup_vs_seed'])} | {'-' if xl is None else f'{xl:.2f}'} |")
+        lines.append("")
+    if gpu:
+        lines += ["| shape | fmt | dtype | cuDNN f+b ms | native f+b ms | pysbn fwd ms | pysbn f+b ms "
+                  "| seed f+b ms | vs cuDNN | vs native | vs seed | pysbn GB/s (8-pass) "
+                  "| pysbn x of limit |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in gpu:
+            p = r["pysbn"]
+            lines.append(
+                f"| {r['id']} {tuple(r['shape'])} | {r['format']} | {r['dtype']} "
+                f"| {_ms(r, 'torch', 'fwdbwd_ms')} | {_ms(r, 'torch_native', 'fwdbwd_ms')} "
+                f"| {_ms(r, 'pysbn', 'fwd_ms')} | {_ms(r, 'pysbn', 'fwdbwd_ms')} "
+                f"| {_ms(r, 'seed', 'fwdbwd_ms')} | {_x(r['speedup_vs_torch'])} "
+                f"| {_x(r.get('speedup_vs_torch_native'))} | {_x(r['speedup_vs_seed'])} "
+                f"| {'-' if 'error' in p else format(p['eff_GBps_8pass'], '.0f')} "
+                f"| {'-' if 'error' in p else format(p['x_of_limit'], '.2f')} |")
+        lines.append("")
+    groups: Dict[tuple, List[float]] = {}
     for r in result["rows"]:
-        lines.append(
-            f"| {r['id']} {tuple(r['shape'])} | {r['format']} | {r['threads']} | {r['torch']['fwd_ms']:.3f} "
-            f"| {r['pysbn']['fwd_ms']:.3f} | {r['torch']['fwdbwd_ms']:.3f} | {r['pysbn']['fwdbwd_ms']:.3f} "
-            f"| {r['seed']['fwdbwd_ms']:.3f} | {r['speedup_vs_torch']:.2f}x | {r['speedup_vs_torch_fwd']:.2f}x "
-            f"| {r['speedup_vs_seed']:.2f}x | {r['pysbn']['x_of_limit']:.2f} |")
-    lines.append("")
-    for nt in result["environment"]["threads"]:
-        for fmt in ("nchw", "cl"):
-            sel = [r["speedup_vs_torch"] for r in result["rows"] if r["threads"] == nt and r["format"] == fmt]
-            if sel:
-                lines.append(f"- {nt} thread(s), {fmt}: geometric-mean speedup vs torch f+b {geomean(sel):.2f}x "
-                             f"(min {min(sel):.2f}x over {len(sel)} shapes)")
-    if "numerics" in result:
-        lines += ["", "| fmt | offset | torch var rel err | pysbn | seed |", "|---|---|---|---|---|"]
-        for fmt, d in result["numerics"].items():
-            for off, e in d.items():
-                lines.append(f"| {fmt} | {off} | {e['torch']:.2e} | {e['pysbn']:.2e} | {e['seed']:.2e} |")
+        key = (r["device"], r["dtype"], r["threads"] if r["device"] == "cpu" else None,
+               r["format"])
+        if r["speedup_vs_torch"] is not None:
+            groups.setdefault(key, []).append(r["speedup_vs_torch"])
+    for (dev, dt, nt, fmt), sel in groups.items():
+        where = f"{nt} thread(s)" if dev == "cpu" else "GPU"
+        lines.append(f"- {dev} {dt} {where}, {fmt}: geometric-mean speedup vs torch f+b "
+                     f"{geomean(sel):.2f}x (min {min(sel):.2f}x over {len(sel)} shapes)")
+    seeds = [r["speedup_vs_seed"] for r in result["rows"] if r["speedup_vs_seed"] is not None]
+    if seeds:
+        lines.append(f"- vs the seed: {min(seeds):.2f}x to {max(seeds):.2f}x over "
+                     f"{len(seeds)} rows")
+    errs = sorted({f"{r['id']} {r['format']} {r['dtype']} {r['device']}: {k}: {v['error']}"
+                   for r in result["rows"] for k, v in r.items()
+                   if isinstance(v, dict) and "error" in v})
+    lines += [f"- error: {e}" for e in errs]
+    if result.get("memory"):
+        lines += ["", "Peak memory of one forward+backward (MB; see memory_method in the JSON):",
+                  "", "| shape | fmt | dtype | device | input MB | torch peak | pysbn peak | seed peak "
+                  "| pysbn / torch | torch saved | pysbn saved | seed saved |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for m in result["memory"]:
+            if "error" in m:
+                lines.append(f"| {m['id']} | {m['format']} | {m['dtype']} | {m['device']} "
+                             f"| {_mb(m['input_bytes'])} | error: {m['error']} |||||||")
+                continue
+            tp, pp = m["torch"]["peak_bytes"], m["pysbn"]["peak_bytes"]
+            rel = "n/a" if not tp or pp is None else f"{pp / tp:.2f}"
+            lines.append(
+                f"| {m['id']} {tuple(m['shape'])} | {m['format']} | {m['dtype']} | {m['device']} "
+                f"| {_mb(m['input_bytes'])} | {_mb(tp)} | {_mb(pp)} "
+                f"| {_mb(m['seed']['peak_bytes'])} | {rel} | {_mb(m['torch']['saved_bytes'])} "
+                f"| {_mb(m['pysbn']['saved_bytes'])} | {_mb(m['seed']['saved_bytes'])} |")
+    for key, dev in (("numerics", "cpu"), ("numerics_cuda", "cuda")):
+        if result.get(key):
+            lines += ["", f"Variance relative error vs float64, {dev}, float32 "
+                      f"{tuple(NUMERICS_SHAPE)}:", "",
+                      "| fmt | offset | torch | pysbn (layer) | core (float64 stats) | seed |",
+                      "|---|---|---|---|---|---|"]
+            for fmt, d in result[key].items():
+                for off, e in d.items():
+                    lines.append(f"| {fmt} | {off} | {e['torch']:.2e} | {e['pysbn']:.2e} "
+                                 f"| {e['core']:.2e} | {e['seed']:.2e} |")
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m pysbn bench", description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="two small shapes, few repetitions (about a minute)")
-    ap.add_argument("--shapes", default=None, help="comma-separated shape ids (default: the protocol's CPU shapes)")
-    ap.add_argument("--threads", default=None, help="comma-separated thread counts (default: 1 and all)")
-    ap.add_argument("--reps", type=int, default=30)
-    ap.add_argument("--rounds", type=int, default=3)
+def chart(result: dict, path: str) -> Tuple[int, int]:
+    """Writes the PNG chart: per row, pysbn's speedup vs torch and vs the seed (fwd+bwd), its
+    fraction of the memory-bandwidth limit, and (per shape) its peak memory vs nn.BatchNorm."""
+    from ._chart import bar_panels
+
+    rows = result["rows"]
+    labels = []
+    for r in rows:
+        tag = f"{r['threads']}t" if r["device"] == "cpu" else "gpu"
+        labels.append(f"{r['id']} {r['format']} {_SHORT.get(r['dtype'], r['dtype'])} {tag}")
+    mem = {(m["id"], m["format"], m["dtype"], m["device"]): m
+           for m in result.get("memory", []) if "error" not in m}
+
+    def mem_ratio(r):
+        m = mem.get((r["id"], r["format"], r["dtype"], r["device"]))
+        if m is None or not m["torch"]["peak_bytes"] or m["pysbn"]["peak_bytes"] is None:
+            return None
+        return m["pysbn"]["peak_bytes"] / m["torch"]["peak_bytes"]
+
+    def frac(r):
+        p = r["pysbn"]
+        return None if "error" in p else 1.0 / p["x_of_limit"]
+
+    panels = [
+        {"title": "speedup vs torch (fwd+bwd)", "values": [r["speedup_vs_torch"] for r in rows],
+         "ref": 1.0, "fmt": "{:.2f}x"},
+        {"title": "speedup vs the seed (fwd+bwd)",
+         "values": [r["speedup_vs_seed"] for r in rows], "ref": 1.0, "fmt": "{:.1f}x"},
+        {"title": "fraction of bandwidth limit", "values": [frac(r) for r in rows],
+         "ref": 1.0, "fmt": "{:.2f}"},
+    ]
+    if mem:
+        panels.append({"title": "peak memory / nn.BatchNorm", "values": [mem_ratio(r) for r in rows],
+                       "ref": 1.0, "fmt": "{:.2f}"})
+    env = result["environment"]
+    notes = [f"{env['cpu']}, {env['cores']} cores; torch {env['torch']}; pysbn {env['pysbn']}; "
+             f"{env['date']}",
+             "limit: 5 tensor passes at the probe bandwidth (read-only sum, copy) of the same "
+             "size and thread count"]
+    if env.get("gpu"):
+        notes.insert(1, f"GPU: {env['gpu']}, CUDA {env.get('cuda')}")
+    return bar_panels(path, labels, panels, title="pysbn bench: SynchronizedBatchNorm, 1 process",
+                      notes=notes)
+
+
+def _parse_shapes(spec: str, ap: argparse.ArgumentParser):
+    ids, custom = [], {}
+    for item in spec.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        if item in SHAPES:
+            ids.append(item)
+        elif all(p.isdigit() for p in item.split("x")) and 2 <= len(item.split("x")) <= 5:
+            custom[item] = tuple(int(p) for p in item.split("x"))
+            ids.append(item)
+        else:
+            ap.error(f"--shapes: unknown id {item!r}; known: {', '.join(SHAPES)}, or a shape "
+                     "such as 16x8x10x10")
+    return ids, custom
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``python -m pysbn bench [options]``; writes bench.json, bench.md and bench.png to --out."""
+    ap = argparse.ArgumentParser(
+        prog="python -m pysbn bench", description=(__doc__ or "").split("\n")[0],
+        epilog="Full protocol run: python -m pysbn bench --out <folder> (CPU: float32, 1 and all "
+               "threads; CUDA rows when a GPU is present). Warm heap: prefix "
+               "GLIBC_TUNABLES=glibc.malloc.mmap_max=0.")
+    ap.add_argument("--quick", action="store_true",
+                    help=f"shapes {','.join(QUICK_SHAPES)}, few repetitions (about a minute)")
+    ap.add_argument("--shapes", default=None,
+                    help="comma-separated shape ids or NxCx... shapes (default: every protocol "
+                         "shape; GPU-only ones on CUDA only)")
+    ap.add_argument("--dtypes", default=None,
+                    help="comma-separated dtypes for every device (default: float32 on CPU; "
+                         "float32,float16,bfloat16 on CUDA)")
+    ap.add_argument("--threads", default=None, help="comma-separated CPU thread counts "
+                    "(default: 1 and all)")
+    ap.add_argument("--formats", default="nchw,cl", help="nchw and/or cl (channels_last)")
+    ap.add_argument("--devices", default=None,
+                    help="cpu and/or cuda (default: cpu, and cuda when available)")
+    ap.add_argument("--reps", type=int, default=30, help="repetitions per implementation and row")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds")
     ap.add_argument("--warmup", type=int, default=5)
-    ap.add_argument("--min-time", type=float, default=0.5, help="seconds per implementation and row")
-    ap.add_argument("--out", default="bench-out", help="output folder for bench.json and bench.md")
+    ap.add_argument("--min-time", type=float, default=0.5,
+                    help="at least this many seconds per implementation and row")
+    ap.add_argument("--out", default="bench-out",
+                    help="output folder for bench.json, bench.md and bench.png")
     ap.add_argument("--no-numerics", action="store_true")
+    ap.add_argument("--no-memory", action="store_true")
+    ap.add_argument("--no-chart", action="store_true")
+    ap.add_argument("--sync", action="store_true",
+                    help="run the 2-process sync benchmark instead (pysbn.bench_sync); the other "
+                         "arguments are passed to it unchanged")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--sync" in argv:
+        rest = [a for a in argv if a != "--sync"]
+        try:
+            from . import bench_sync
+        except ImportError as exc:
+            if getattr(exc, "name", None) not in ("pysbn.bench_sync", None) and \
+                    "bench_sync" not in str(exc):
+                raise
+            print("python -m pysbn bench --sync: the sync benchmark (pysbn.bench_sync) is not "
+                  "part of this build yet", file=sys.stderr)
+            return 2
+        return int(bench_sync.main(rest) or 0)
     a = ap.parse_args(argv)
-    shapes = QUICK_SHAPES if a.quick else PROTOCOL_SHAPES
-    if a.shapes:
-        want = set(a.shapes.split(","))
-        unknown = want - {s[0] for s in PROTOCOL_SHAPES}
-        if unknown:
-            ap.error(f"--shapes: unknown id(s) {sorted(unknown)}; known: {[s[0] for s in PROTOCOL_SHAPES]}")
-        shapes = [s for s in PROTOCOL_SHAPES if s[0] in want]
+    if a.quick and not a.shapes:
+        shapes, custom = list(QUICK_SHAPES), {}
+    elif a.shapes:
+        shapes, custom = _parse_shapes(a.shapes, ap)
+    else:
+        shapes, custom = list(SHAPES), {}
+    formats = [f.strip() for f in a.formats.split(",") if f.strip()]
+    bad = set(formats) - set(FORMATS)
+    if bad or not formats:
+        ap.error(f"--formats: expected nchw and/or cl, got {a.formats!r}")
+    devices = [d.strip() for d in a.devices.split(",")] if a.devices else (
+        ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
+    for d in devices:
+        if d not in ("cpu", "cuda"):
+            ap.error(f"--devices: expected cpu and/or cuda, got {d!r}")
+        if d == "cuda" and not torch.cuda.is_available():
+            ap.error("--devices cuda: no CUDA device is available")
+        if d == "cuda" and not _core.built_with_cuda():
+            ap.error("--devices cuda: this pysbn build has no CUDA (see python -m pysbn info)")
+    if "cuda" in devices and not _core.built_with_cuda():
+        devices.remove("cuda")
+        print("note: a GPU is present but pysbn was built without CUDA: CPU rows only",
+              file=sys.stderr)
+    dtypes = None
+    if a.dtypes:
+        names = [d.strip() for d in a.dtypes.split(",") if d.strip()]
+        for d in names:
+            if d not in _DTYPES:
+                ap.error(f"--dtypes: unknown dtype {d!r}; known: {', '.join(_DTYPES)}")
+        dtypes = {"cpu": names, "cuda": names}
+    elif a.quick:
+        dtypes = {"cpu": ["float32"], "cuda": ["float32"]}
     ncores = torch.get_num_threads()
-    threads = [int(t) for t in a.threads.split(",")] if a.threads else sorted({1, ncores})
+    try:
+        threads = [int(t) for t in a.threads.split(",")] if a.threads else sorted({1, ncores})
+    except ValueError:
+        ap.error(f"--threads: expected integers, got {a.threads!r}")
+    if any(t < 1 for t in threads):
+        ap.error("--threads: thread counts must be >= 1")
     if a.quick:
         a.reps, a.rounds, a.warmup, a.min_time = 10, 3, 2, 0.05
-    result = run(shapes, threads, a.warmup, a.reps, a.rounds, a.min_time, numerics=not a.no_numerics)
+    settings = {"warmup": a.warmup, "reps": a.reps, "rounds": a.rounds, "min_time_s": a.min_time,
+                "argv": argv}
+    t0 = time.perf_counter()
+    result = run(shapes, threads, settings, devices=devices, dtypes=dtypes, formats=formats,
+                 numerics=not a.no_numerics, memory=not a.no_memory, custom=custom)
+    result["settings"]["elapsed_s"] = time.perf_counter() - t0
     os.makedirs(a.out, exist_ok=True)
     with open(os.path.join(a.out, "bench.json"), "w") as f:
         json.dump(result, f, indent=1)
     md = markdown(result)
     with open(os.path.join(a.out, "bench.md"), "w") as f:
         f.write(md + "\n")
+    written = ["bench.json", "bench.md"]
+    if not a.no_chart and result["rows"]:
+        chart(result, os.path.join(a.out, "bench.png"))
+        written.append("bench.png")
     print(md)
-    print(f"\nwrote {a.out}/bench.json and {a.out}/bench.md")
+    print(f"\nwrote {', '.join(os.path.join(a.out, w) for w in written)} "
+          f"({result['settings']['elapsed_s']:.0f} s)")
     return 0
