@@ -14,16 +14,35 @@ from . import functional as PF
 
 
 def info() -> int:
-    """Version, build and devices."""
-    print(f"pysbn {_core.version()}")
-    print(f"  native core: OpenMP {'yes' if _core.built_with_openmp() else 'no'}, "
-          f"CUDA {'yes (archs ' + _core.cuda_architectures() + ')' if _core.built_with_cuda() else 'no'}")
-    print(f"  torch {torch.__version__}, {torch.get_num_threads()} CPU thread(s)")
+    """Prints the version, the build (CUDA and its archs, OpenMP), torch, threads and devices."""
+    import os
+    import platform
+
+    print(f"pysbn {_core.version()} ({os.path.dirname(os.path.abspath(__file__))})")
+    cuda = (f"yes, archs {_core.cuda_architectures()}" if _core.built_with_cuda() else "no")
+    print(f"  native core: CUDA {cuda}; OpenMP {'yes' if _core.built_with_openmp() else 'no'}")
+    print(f"  python {platform.python_version()}, torch {torch.__version__} (CUDA "
+          f"{torch.version.cuda or 'none'}), {torch.get_num_threads()} CPU thread(s) of "
+          f"{os.cpu_count()} core(s)")
+    if torch.distributed.is_available():
+        backends = [name for name, ok in (
+            ("gloo", torch.distributed.is_gloo_available()),
+            ("nccl", torch.distributed.is_nccl_available()),
+            ("mpi", torch.distributed.is_mpi_available())) if ok]
+        print(f"  torch.distributed: {', '.join(backends) or 'no backend'}")
+    else:
+        print("  torch.distributed: not available in this torch build")
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
-            print(f"  cuda:{i} {torch.cuda.get_device_name(i)}")
+            p = torch.cuda.get_device_properties(i)
+            print(f"  cuda:{i} {p.name}, sm_{p.major}{p.minor}, {p.total_memory / 2**30:.0f} GiB, "
+                  f"cuDNN {torch.backends.cudnn.version()}")
+        if not _core.built_with_cuda():
+            print("  note: this pysbn build has no CUDA; CUDA tensors raise a clear error "
+                  "(rebuild with nvcc on PATH)")
     else:
-        print("  no CUDA device")
+        print("  no CUDA device" + (" (the CUDA build still runs on CPU)"
+                                    if _core.built_with_cuda() else ""))
     return 0
 
 
