@@ -35,3 +35,17 @@ echo "== python tests"
 # Run as `pytest` (importlib mode, set in pyproject): the source folder pysbn/ has no compiled
 # _core and must not shadow the installed package.
 pytest -q -p no:cacheprovider tests
+
+echo "== benchmark smoke run (python -m pysbn bench --quick; no speed assertions)"
+# From outside the repo, so the installed package is the one that runs. About 30-60 s.
+BENCH_DIR=$(mktemp -d)
+if ! (cd "$BENCH_DIR" && $PY -m pysbn bench --quick --out "$BENCH_DIR/out" \
+      >"$BENCH_DIR/stdout.log" 2>"$BENCH_DIR/stderr.log"); then
+  cat "$BENCH_DIR/stdout.log"; tr '\r' '\n' <"$BENCH_DIR/stderr.log" | tail -n 30
+  echo "bench smoke run failed"; exit 1
+fi
+for f in bench.json bench.md bench.png; do
+  [ -s "$BENCH_DIR/out/$f" ] || { echo "bench smoke run wrote no $f"; exit 1; }
+done
+tail -n 1 "$BENCH_DIR/stdout.log"
+rm -rf "$BENCH_DIR"
