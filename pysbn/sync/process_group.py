@@ -15,14 +15,35 @@ __all__ = ["ProcessGroupSync"]
 
 # ---- torch.distributed --------------------------------------------------------------------------
 
+def _all_gather_flat(out: torch.Tensor, inp: torch.Tensor, group) -> None:
+    """Gathers ``inp`` (1-D, same size on every rank) of every rank into ``out`` (1-D,
+    ``world * inp.numel()``, rank order): one collective.
+
+    torch >= 2.13 names it ``all_gather_single`` (``all_gather_into_tensor`` warns there);
+    older releases only have ``all_gather_into_tensor``. The flat (concatenation) form is the
+    one every backend accepts (Gloo rejects the stacked ``(world, n)`` form). The functions are
+    looked up at each call, so a benchmark or a test can wrap them to count collectives.
+    """
+    import torch.distributed as dist
+
+    fn = getattr(dist, "all_gather_single", None)
+    if fn is None:
+        fn = dist.all_gather_into_tensor
+    fn(out, inp, group=group)
+
+
 class ProcessGroupSync(Synchronizer):
     """Synchronisation over a torch.distributed process group.
 
-    Forward: one ``all_gather_into_tensor`` of ``[C, seq, count, mean[C], m2[C]]`` per rank (the
-    header lets every rank check that all ranks are at the same call of a layer with the same
-    channel count), then the exact Chan merge of the gathered records on every rank. Backward:
-    one ``all_reduce`` (sum) of the grad-sums record. Both are O(C) per rank, float64, and never
-    read a CUDA tensor on the host.
+    Forward: one all-gather (``all_gather_single`` / ``all_gather_into_tensor``) of
+    ``[C, seq, count, mean[C], m2[C]]`` (float64, ``2C+3`` values) per rank, then the exact
+    Chan merge of the gathered records on every rank (exact under unequal counts and ranks with
+    count 0; no sums of squares, so nothing is lost at large offsets). The header lets every
+    rank check, on CPU where the read is free, that all ranks are at the same call of a layer
+    with the same channel count; on CUDA nothing is read on the host. Backward: one
+    ``all_reduce`` (sum) of the ``2C`` grad sums, in place on the record passed in (a fresh
+    buffer of the autograd Function). Every rank gets the same merged record, so the running
+    statistics, which every rank updates on its own buffers, stay equal across ranks.
     """
 
     updates_running_stats = True
@@ -34,18 +55,18 @@ class ProcessGroupSync(Synchronizer):
         self._counter = counter  # the layer's call counter, shared across its calls
 
     def forward(self, record: torch.Tensor) -> torch.Tensor:
-        import torch.distributed as dist
-
-        c = (record.numel() - 1) // 2
+        width = record.numel()
+        c = (width - 1) // 2
         seq = self._counter[0]
         self._counter[0] += 1
-        payload = torch.empty(2 * c + 3, dtype=record.dtype, device=record.device)
-        payload[0] = float(c)
+        payload = torch.empty(width + 2, dtype=record.dtype, device=record.device)
+        payload[0] = float(c)  # a fill, not a host read: no synchronisation on CUDA
         payload[1] = float(seq)
-        payload[2:] = record
-        gathered = torch.empty((self.world_size, 2 * c + 3), dtype=record.dtype,
+        payload[2:].copy_(record)
+        gathered = torch.empty(self.world_size * (width + 2), dtype=record.dtype,
                                device=record.device)
-        dist.all_gather_into_tensor(gathered, payload, group=self.group)
+        _all_gather_flat(gathered, payload, self.group)
+        gathered = gathered.view(self.world_size, width + 2)
         if gathered.device.type == "cpu":  # free to read on the host; skipped on CUDA
             header = gathered[:, :2]
             if not bool((header == header[:1]).all()):
@@ -60,6 +81,5 @@ class ProcessGroupSync(Synchronizer):
     def backward(self, sums: torch.Tensor) -> torch.Tensor:
         import torch.distributed as dist
 
-        out = sums.clone()
-        dist.all_reduce(out, group=self.group)
-        return out
+        dist.all_reduce(sums, group=self.group)
+        return sums

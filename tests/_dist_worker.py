@@ -1,0 +1,535 @@
+# SPDX-License-Identifier: MIT
+"""One rank of a torch.distributed (Gloo) test group; started by tests/test_distributed.py.
+
+    python _dist_worker.py RANK WORLD STORE_FILE OUT_DIR PG_TIMEOUT_S CASE [CASE ...]
+
+Joins the group through a FileStore (no ports to pick), runs the named cases in order and
+writes ``OUT_DIR/rank{RANK}.json`` = ``{case: "ok" | failure text}`` after every case (so a
+later hang still leaves the earlier results). Every rank builds the *global* batch from the same
+seed, runs its share through the synchronized layer and checks the result against one
+``nn.BatchNorm`` in float64 over the whole batch, locally; the only collectives are the layers'
+own and a few explicit all_reduces that every rank of the case runs unconditionally. Checks are
+collected, not raised at once, so a failed check never leaves the ranks out of step; any other
+exception ends the worker (the others then fail fast on the closed connection or on the process
+group's timeout).
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import json
+import os
+import sys
+import traceback
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import pysbn
+
+# ---- collective counters --------------------------------------------------------------------------
+
+COUNTS: Dict[str, int] = {}
+
+
+def _wrap(name: str) -> None:
+    fn = getattr(dist, name, None)
+    if fn is None:
+        return
+
+    def counted(*args, **kwargs):
+        COUNTS[name] = COUNTS.get(name, 0) + 1
+        return fn(*args, **kwargs)
+
+    setattr(dist, name, counted)
+
+
+for _name in ("all_gather_single", "all_gather_into_tensor", "all_gather", "all_reduce",
+              "broadcast", "reduce_scatter_tensor"):
+    _wrap(_name)
+
+
+def gathers() -> int:
+    return COUNTS.get("all_gather_single", 0) + COUNTS.get("all_gather_into_tensor", 0) \
+        + COUNTS.get("all_gather", 0)
+
+
+def reduces() -> int:
+    return COUNTS.get("all_reduce", 0)
+
+
+def snapshot():
+    return gathers(), reduces()
+
+
+# ---- soft checks ------------------------------------------------------------------------------------
+
+class Checks:
+    def __init__(self, label: str) -> None:
+        self.label = label
+        self.failures: List[str] = []
+
+    def true(self, cond: bool, msg: str) -> None:
+        if not cond:
+            self.failures.append(f"{self.label}: {msg}")
+
+    def close(self, what: str, actual: torch.Tensor, expected: torch.Tensor, rtol: float,
+              atol: Optional[float] = None) -> None:
+        """|actual - expected| <= atol + rtol * |expected|; atol defaults to rtol * max|expected|."""
+        if tuple(actual.shape) != tuple(expected.shape):
+            self.failures.append(f"{self.label}: {what}: shape {tuple(actual.shape)} != "
+                                 f"{tuple(expected.shape)}")
+            return
+        if actual.numel() == 0:
+            return
+        a = actual.detach().double()
+        e = expected.detach().double()
+        scale = float(e.abs().max())
+        if atol is None:
+            atol = rtol * max(scale, 1e-30)
+        err = (a - e).abs()
+        bad = err > atol + rtol * e.abs()
+        if bool(bad.any()) or not bool(torch.isfinite(a).all()):
+            self.failures.append(f"{self.label}: {what}: max abs error {float(err.max()):.3e} "
+                                 f"(scale {scale:.3e}, atol {atol:.1e}, rtol {rtol:.1e})")
+
+    def done(self) -> None:
+        if self.failures:
+            raise AssertionError("\n".join(self.failures))
+
+
+# ---- helpers ------------------------------------------------------------------------------------------
+
+RANK = WORLD = -1
+
+BN = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
+SBN = {1: pysbn.SynchronizedBatchNorm1d, 2: pysbn.SynchronizedBatchNorm2d,
+       3: pysbn.SynchronizedBatchNorm3d}
+
+
+def _fmt(x: torch.Tensor, memory_format: str) -> torch.Tensor:
+    if memory_format == "channels_last":
+        return x.contiguous(memory_format=torch.channels_last if x.dim() == 4
+                            else torch.channels_last_3d)
+    return x.contiguous()
+
+
+def _is_fmt(y: torch.Tensor, memory_format: str) -> bool:
+    if y.numel() == 0:
+        return True
+    if memory_format == "channels_last":
+        return y.is_contiguous(memory_format=torch.channels_last if y.dim() == 4
+                               else torch.channels_last_3d)
+    return y.is_contiguous()
+
+
+def _offsets(shares: Sequence[int]) -> List[int]:
+    out = [0]
+    for s in shares:
+        out.append(out[-1] + s)
+    return out
+
+
+def _sum_over(t: torch.Tensor, group) -> torch.Tensor:
+    t = t.detach().clone()
+    dist.all_reduce(t, group=group)
+    return t
+
+
+def check_layer(label: str, kind: int, rest: Sequence[int], channels: int, shares: Sequence[int],
+                dtype: torch.dtype = torch.float64, memory_format: str = "contiguous",
+                group=None, members: Optional[Sequence[int]] = None, steps: int = 2,
+                momentum: Optional[float] = 0.1, affine: bool = True, offset: float = 0.0,
+                seed: int = 0) -> None:
+    """The layer of this rank on its share of a global batch vs nn.BatchNorm (float64) on the
+    whole batch: outputs, input gradients under random upstream gradients, weight/bias
+    gradients summed over the group, running stats, num_batches_tracked, one collective per
+    direction, and eval mode (no collective)."""
+    members = list(range(WORLD)) if members is None else list(members)
+    me = members.index(RANK)
+    offs = _offsets(shares)
+    lo, hi = offs[me], offs[me + 1]
+    n = offs[-1]
+    ck = Checks(f"{label} (rank {RANK}, shares {list(shares)})")
+    tol = 1e-9 if dtype == torch.float64 else 2e-4
+
+    gen = torch.Generator().manual_seed(seed)
+    ref = BN[kind](channels, momentum=momentum, affine=affine, dtype=torch.float64)
+    layer = SBN[kind](channels, momentum=momentum, affine=affine, process_group=group,
+                      dtype=dtype)
+    if affine:
+        with torch.no_grad():
+            ref.weight.copy_(torch.rand(channels, generator=gen, dtype=torch.float64) + 0.5)
+            ref.bias.copy_(torch.randn(channels, generator=gen, dtype=torch.float64))
+            layer.weight.copy_(ref.weight)
+            layer.bias.copy_(ref.bias)
+
+    for step in range(steps):
+        shape = (n, channels, *rest)
+        xg = (torch.randn(shape, generator=gen, dtype=torch.float64) * 2.0 + offset).to(dtype)
+        dyg = torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype)
+        x = _fmt(xg[lo:hi].clone(), memory_format).requires_grad_()
+        dy = _fmt(dyg[lo:hi].clone(), memory_format)
+        layer.train()
+        layer.zero_grad(set_to_none=True)
+        g0, r0 = snapshot()
+        y = layer(x)
+        g1, r1 = snapshot()
+        y.backward(dy)
+        g2, r2 = snapshot()
+        want = 1 if len(members) > 1 else 0  # a group of one never communicates
+        ck.true((g1 - g0, r1 - r0) == (want, 0),
+                f"step {step}: forward made {g1 - g0} gathers, {r1 - r0} all_reduces "
+                f"(want {want}, 0)")
+        ck.true((g2 - g1, r2 - r1) == (0, want),
+                f"step {step}: backward made {g2 - g1} gathers, {r2 - r1} all_reduces "
+                f"(want 0, {want})")
+        gw = gb = None
+        if affine:
+            gw = _sum_over(layer.weight.grad, group)
+            gb = _sum_over(layer.bias.grad, group)
+            if hi == lo:
+                ck.true(bool((layer.weight.grad == 0).all()) and bool((layer.bias.grad == 0).all()),
+                        f"step {step}: an empty rank must get zero weight/bias gradients")
+
+        xr = xg.double().requires_grad_()
+        ref.train()
+        ref.zero_grad(set_to_none=True)
+        yr = ref(xr)
+        yr.backward(dyg.double())
+
+        ck.true(y.dtype == dtype and tuple(y.shape) == tuple(x.shape),
+                f"step {step}: output {y.dtype} {tuple(y.shape)}")
+        ck.true(_is_fmt(y, memory_format), f"step {step}: output is not {memory_format}")
+        ck.true(_is_fmt(x.grad, memory_format), f"step {step}: grad input is not {memory_format}")
+        ck.close(f"step {step} output", y, yr[lo:hi], tol)
+        ck.close(f"step {step} grad input", x.grad, xr.grad[lo:hi], tol)
+        if affine:
+            ck.close(f"step {step} grad weight (summed)", gw, ref.weight.grad, tol)
+            ck.close(f"step {step} grad bias (summed)", gb, ref.bias.grad, tol)
+        ck.close(f"step {step} running_mean", layer.running_mean, ref.running_mean, tol)
+        ck.close(f"step {step} running_var", layer.running_var, ref.running_var, tol)
+        ck.true(int(layer.num_batches_tracked) == int(ref.num_batches_tracked),
+                f"step {step}: num_batches_tracked {int(layer.num_batches_tracked)}")
+
+    # eval: the running stats, no communication
+    layer.eval()
+    ref.eval()
+    xg = torch.randn((n, channels, *rest), generator=gen, dtype=torch.float64).to(dtype)
+    g0, r0 = snapshot()
+    with torch.no_grad():
+        y = layer(_fmt(xg[lo:hi].clone(), memory_format))
+        yr = ref(xg.double())
+    ck.true(snapshot() == (g0, r0), "eval mode communicated")
+    ck.close("eval output", y, yr[lo:hi], tol)
+    ck.done()
+
+
+# ---- cases --------------------------------------------------------------------------------------------
+
+def case_layers_w2() -> None:
+    check_layer("bn1d (N,C) f64", 1, (), 5, [3, 4])
+    check_layer("bn1d (N,C,L) f64", 1, (6,), 4, [2, 3], seed=1)
+    check_layer("bn1d (N,C,L) f32", 1, (6,), 4, [3, 2], dtype=torch.float32, seed=2)
+    check_layer("bn2d NCHW f64", 2, (5, 4), 3, [1, 4], seed=3)
+    check_layer("bn2d channels_last f64", 2, (5, 4), 3, [3, 2], memory_format="channels_last",
+                seed=4)
+    check_layer("bn2d NCHW f32", 2, (6, 6), 8, [2, 5], dtype=torch.float32, seed=5)
+    check_layer("bn2d channels_last f32", 2, (6, 6), 8, [4, 1], dtype=torch.float32,
+                memory_format="channels_last", seed=6)
+    check_layer("bn3d NCDHW f64", 3, (3, 4, 2), 4, [2, 1], seed=7)
+    check_layer("bn3d channels_last_3d f64", 3, (3, 4, 2), 4, [1, 2],
+                memory_format="channels_last", seed=8)
+    check_layer("bn3d channels_last_3d f32", 3, (3, 4, 2), 4, [2, 2], dtype=torch.float32,
+                memory_format="channels_last", seed=9)
+    check_layer("bn2d momentum=None affine=False", 2, (3, 3), 5, [2, 3], momentum=None,
+                affine=False, steps=3, seed=10)
+    check_layer("bn2d one local value per channel per rank (global 2)", 2, (1, 1), 3, [1, 1],
+                seed=11)
+
+
+def case_offset_w2() -> None:
+    """float32 at offset 1e4 over 2 uneven ranks: the variance (momentum 1: running_var is the
+    unbiased batch variance, stored in float32) within 1e-5 relative of float64."""
+    ck = Checks(f"offset 1e4 (rank {RANK})")
+    shares = [3, 9]
+    lo, hi = _offsets(shares)[RANK], _offsets(shares)[RANK + 1]
+    for fmt in ("contiguous", "channels_last"):
+        gen = torch.Generator().manual_seed(42)
+        xg = (1e4 + torch.randn((12, 16, 20, 20), generator=gen, dtype=torch.float64)).float()
+        layer = pysbn.SynchronizedBatchNorm2d(16, momentum=1.0)
+        with torch.no_grad():
+            y = layer(_fmt(xg[lo:hi].clone(), fmt))
+        var_ref = xg.double().var(dim=(0, 2, 3), unbiased=True)
+        mean_ref = xg.double().mean(dim=(0, 2, 3))
+        rel = float(((layer.running_var.double() - var_ref).abs() / var_ref).max())
+        ck.true(rel <= 1e-5, f"{fmt}: variance relative error {rel:.2e} > 1e-5")
+        ck.close(f"{fmt}: mean", layer.running_mean, mean_ref, 1e-9, atol=2e-3)
+        yr = nn.functional.batch_norm(xg.double(), None, None, training=True, eps=1e-5)
+        ck.close(f"{fmt}: output", y, yr[lo:hi], 0.0, atol=1e-4)
+    ck.done()
+
+
+def _expect(exc_type, needle: str, fn: Callable[[], object]) -> Optional[str]:
+    try:
+        fn()
+    except exc_type as exc:
+        if needle not in str(exc):
+            return f"{exc_type.__name__} without {needle!r}: {exc}"
+        return None
+    except BaseException as exc:  # noqa: BLE001
+        return f"expected {exc_type.__name__}, got {type(exc).__name__}: {exc}"
+    return f"expected {exc_type.__name__}, nothing raised"
+
+
+def check_too_few(shares: Sequence[int], group=None, members=None) -> List[str]:
+    members = list(range(WORLD)) if members is None else list(members)
+    me = members.index(RANK)
+    layer = pysbn.SynchronizedBatchNorm1d(3, process_group=group)
+    before = (layer.running_mean.clone(), layer.running_var.clone())
+    x = torch.randn(shares[me], 3)
+    err = _expect(ValueError, "more than 1 value per channel", lambda: layer(x))
+    out = [f"shares {list(shares)}: {err}"] if err else []
+    if not (torch.equal(before[0], layer.running_mean) and torch.equal(before[1], layer.running_var)
+            and int(layer.num_batches_tracked) == 0):
+        out.append(f"shares {list(shares)}: a failed step changed the running stats")
+    return out
+
+
+def case_too_few_w2() -> None:
+    """The "more than 1 value per channel" check is global: ValueError on every rank when the
+    group has one value per channel in all; no error with one value per rank (see layers)."""
+    ck = Checks(f"too few values (rank {RANK})")
+    ck.failures += check_too_few([1, 0])
+    ck.failures += check_too_few([0, 1])
+    ck.failures += check_too_few([0, 0])
+    # BN2d with 1x1 planes: the count is N*H*W
+    layer = pysbn.SynchronizedBatchNorm2d(2)
+    err = _expect(ValueError, "more than 1 value per channel",
+                  lambda: layer(torch.randn(1 - RANK, 2, 1, 1)))
+    ck.true(err is None, f"bn2d (1,2,1,1)+(0,2,1,1): {err}")
+    ck.done()
+
+
+def case_mismatch_w2() -> None:
+    """Rank 0 calls layer a twice; rank 1 calls a, then b: the second exchange pairs calls of
+    different layer positions, and both ranks get the header check's RuntimeError (no hang)."""
+    ck = Checks(f"call mismatch (rank {RANK})")
+    a = pysbn.SynchronizedBatchNorm2d(3)
+    b = pysbn.SynchronizedBatchNorm2d(3)
+    x = torch.randn(2, 3, 4, 4)
+    a(x)
+    second = a if RANK == 0 else b
+    err = _expect(RuntimeError, "not at the same layer call", lambda: second(x))
+    ck.true(err is None, str(err))
+    # the group is still usable afterwards
+    c = pysbn.SynchronizedBatchNorm2d(3)
+    c(x)
+    ck.done()
+
+
+def _resnet_like(width: int = 6, classes: int = 4) -> nn.Module:
+    class Block(nn.Module):
+        def __init__(self, c: int) -> None:
+            super().__init__()
+            self.conv1 = nn.Conv2d(c, c, 3, padding=1, bias=False)
+            self.bn1 = nn.BatchNorm2d(c)
+            self.conv2 = nn.Conv2d(c, c, 3, padding=1, bias=False)
+            self.bn2 = nn.BatchNorm2d(c)
+
+        def forward(self, x):
+            out = torch.relu(self.bn1(self.conv1(x)))
+            out = self.bn2(self.conv2(out))
+            return torch.relu(out + x)
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem = nn.Sequential(nn.Conv2d(3, width, 3, padding=1, bias=False),
+                                      nn.BatchNorm2d(width), nn.ReLU())
+            self.block1 = Block(width)
+            self.down = nn.Sequential(nn.Conv2d(width, 2 * width, 3, stride=2, padding=1,
+                                                bias=False),
+                                      nn.BatchNorm2d(2 * width, momentum=None), nn.ReLU())
+            self.block2 = Block(2 * width)
+            self.head = nn.Sequential(nn.Flatten(), nn.BatchNorm1d(2 * width),
+                                      nn.Linear(2 * width, classes))
+
+        def forward(self, x):
+            x = self.block2(self.down(self.block1(self.stem(x))))
+            return self.head(x.mean(dim=(2, 3), keepdim=True))
+
+    return Net()
+
+
+def check_ddp(shares: Sequence[int], steps: int = 3, memory_format: str = "contiguous") -> None:
+    """DDP (gradients averaged over ranks) with loss_r = sum of this rank's sample losses
+    * W / N: the averaged gradient is that of the mean loss over the global batch, so the run
+    must end where one plain-BN process trained on the whole batch (mean loss) ends."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    ck = Checks(f"DDP resnet-like (rank {RANK}, shares {list(shares)}, {memory_format})")
+    offs = _offsets(shares)
+    lo, hi = offs[RANK], offs[RANK + 1]
+    n = offs[-1]
+    torch.manual_seed(1234)
+    ref = _resnet_like().double()
+    model = pysbn.convert_model(copy.deepcopy(ref))
+    n_sync = sum(isinstance(m, (pysbn.SynchronizedBatchNorm1d, pysbn.SynchronizedBatchNorm2d))
+                 for m in model.modules())
+    ck.true(n_sync == 7, f"convert_model made {n_sync} synchronized layers (want 7)")
+    ddp = DDP(model)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
+    opt_ref = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
+    gen = torch.Generator().manual_seed(99)
+    ce = nn.functional.cross_entropy
+    for _ in range(steps):
+        xg = torch.randn((n, 3, 8, 8), generator=gen, dtype=torch.float64) + 3.0
+        tg = torch.randint(0, 4, (n,), generator=gen)
+        opt.zero_grad(set_to_none=True)
+        x = _fmt(xg[lo:hi].clone(), memory_format)
+        loss = ce(ddp(x), tg[lo:hi], reduction="sum") * (WORLD / n)
+        loss.backward()
+        opt.step()
+        opt_ref.zero_grad(set_to_none=True)
+        ce(ref(xg), tg).backward()
+        opt_ref.step()
+    got = dict(model.named_parameters())
+    for name, p in ref.named_parameters():
+        ck.close(f"parameter {name}", got[name], p, 1e-8)
+    got_b = dict(model.named_buffers())
+    for name, b in ref.named_buffers():
+        if b.dtype.is_floating_point:
+            ck.close(f"buffer {name}", got_b[name], b, 1e-8)
+        else:
+            ck.true(torch.equal(got_b[name], b), f"buffer {name}: {got_b[name]} != {b}")
+    # eval mode on both: same predictions, no communication
+    model.eval()
+    ref.eval()
+    xe = torch.randn((4, 3, 8, 8), generator=gen, dtype=torch.float64)
+    before = snapshot()
+    with torch.no_grad():
+        ck.close("eval output", model(xe), ref(xe), 1e-8)
+    ck.true(snapshot() == before, "eval mode communicated")
+    ck.done()
+
+
+def case_ddp_w2() -> None:
+    check_ddp([3, 5])
+    check_ddp([4, 4], steps=2, memory_format="channels_last")
+
+
+def case_empty_rank_w3() -> None:
+    check_layer("bn2d NCHW, empty rank 1", 2, (4, 3), 3, [4, 0, 3])
+    check_layer("bn2d channels_last, empty rank 1", 2, (4, 3), 3, [2, 0, 3],
+                memory_format="channels_last", seed=1)
+    check_layer("bn1d (N,C), empty rank 0", 1, (), 6, [0, 2, 3], seed=2)
+    check_layer("bn1d (N,C,L) f32, empty rank 2", 1, (5,), 6, [3, 2, 0], dtype=torch.float32,
+                seed=3)
+    check_layer("bn3d channels_last_3d, empty rank 2", 3, (2, 3, 2), 2, [1, 2, 0],
+                memory_format="channels_last", seed=4)
+
+
+def case_too_few_w3() -> None:
+    ck = Checks(f"too few values, 3 ranks (rank {RANK})")
+    ck.failures += check_too_few([0, 1, 0])
+    ck.failures += check_too_few([0, 0, 1])
+    ck.done()
+
+
+def case_subgroup_w3() -> None:
+    """Ranks 0 and 2 sync in a sub-group; rank 1, alone in its group, never communicates."""
+    g02 = dist.new_group([0, 2])
+    g1 = dist.new_group([1])
+    if RANK == 1:
+        before = snapshot()
+        check_layer("lone rank 1 (group of 1)", 2, (3, 3), 4, [3], group=g1, members=[1],
+                    seed=21, steps=1)
+        # check_layer's own explicit all_reduces run on g1 (a group of one); no layer exchange
+        ck = Checks("lone rank 1")
+        ck.true(gathers() == before[0], "the layer of a group of one gathered")
+        ck.done()
+    else:
+        check_layer("sub-group [0, 2] bn2d", 2, (3, 3), 4, [2, 3], group=g02, members=[0, 2],
+                    seed=20)
+        check_layer("sub-group [0, 2] bn1d (N,C,L), empty rank 2", 1, (4,), 3, [1, 0],
+                    group=g02, members=[0, 2], seed=22)
+    # a rank outside the layer's group gets a ValueError
+    if RANK == 1:
+        layer = pysbn.SynchronizedBatchNorm2d(2, process_group=g02)
+        err = _expect(ValueError, "not a member", lambda: layer(torch.randn(2, 2, 2, 2)))
+        ck = Checks("rank outside the group")
+        ck.true(err is None, str(err))
+        ck.done()
+
+
+def case_layers_w4() -> None:
+    check_layer("bn2d NCHW 4 ranks", 2, (3, 5), 3, [1, 2, 0, 3])
+    check_layer("bn2d channels_last f32 4 ranks", 2, (5, 5), 6, [2, 1, 3, 2],
+                dtype=torch.float32, memory_format="channels_last", seed=1)
+    check_layer("bn1d 4 ranks", 1, (), 5, [2, 0, 1, 1], seed=2)
+
+
+def case_subgroups_w4() -> None:
+    """Two sub-groups [0, 1] and [2, 3], different data: each pair matches its own batch."""
+    groups = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+    pair = RANK // 2
+    members = [2 * pair, 2 * pair + 1]
+    shares = [[3, 1], [2, 2]][pair]
+    check_layer(f"sub-group {members} bn2d", 2, (4, 4), 3, shares, group=groups[pair],
+                members=members, seed=30 + pair)
+    check_layer(f"sub-group {members} bn3d channels_last_3d", 3, (2, 2, 3), 2, shares,
+                group=groups[pair], members=members, memory_format="channels_last",
+                seed=40 + pair)
+
+
+def case_ddp_w4() -> None:
+    check_ddp([2, 3, 1, 2], steps=3)
+
+
+CASES = {name[5:]: fn for name, fn in globals().items() if name.startswith("case_")}
+
+
+def main(argv: Sequence[str]) -> int:
+    global RANK, WORLD
+    rank, world, store, out_dir, timeout = argv[:5]
+    cases = list(argv[5:])
+    RANK, WORLD = int(rank), int(world)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=RANK, world_size=WORLD,
+                            timeout=datetime.timedelta(seconds=float(timeout)))
+    results: Dict[str, str] = {}
+    path = os.path.join(out_dir, f"rank{RANK}.json")
+    status = 0
+    try:
+        for name in cases:
+            try:
+                CASES[name]()
+                results[name] = "ok"
+            except AssertionError as exc:  # checks ran after the collectives: keep going
+                results[name] = f"FAIL\n{exc}"
+                status = 1
+            except BaseException:  # noqa: BLE001 - unexpected: the ranks may be out of step
+                results[name] = f"ERROR\n{traceback.format_exc()}"
+                status = 2
+                with open(path + ".tmp", "w") as f:
+                    json.dump(results, f)
+                os.replace(path + ".tmp", path)
+                return 2
+            with open(path + ".tmp", "w") as f:
+                json.dump(results, f)
+            os.replace(path + ".tmp", path)
+    finally:
+        if status != 2:
+            try:
+                dist.destroy_process_group()
+            except Exception:  # noqa: BLE001
+                pass
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,120 @@
+# SPDX-License-Identifier: MIT
+"""Synchronisation over torch.distributed: 2, 3 and 4 Gloo processes on this machine.
+
+Each world size is one group of processes started here (``tests/_dist_worker.py``, one
+subprocess per rank, a FileStore in a temporary folder: no ports to pick), running many cases
+in a row, since starting a group costs seconds. The process group has a fixed timeout and the
+wait for the group a fixed deadline, after which every rank is killed: a regression fails, it
+never hangs. Each case below is one test item that reads its result from every rank.
+
+Every rank checks its share against one ``nn.BatchNorm`` (float64) over the global batch:
+outputs, input gradients under random upstream gradients, weight/bias gradients summed over
+the group, running statistics, one collective per direction; 1d/2d/3d, contiguous and
+channels_last, uneven shares with an empty rank, sub-groups, float32 at offset 1e4, the global
+"more than 1 value per channel" error on every rank, the header check's RuntimeError when the
+ranks are at different calls of a layer, and a small ResNet-like net under
+DistributedDataParallel against the plain-BN net trained on the whole batch in one process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+WORKER = Path(__file__).with_name("_dist_worker.py")
+PG_TIMEOUT_S = 60  # init_process_group(timeout=...): a collective missing a peer fails after this
+JOIN_TIMEOUT_S = 150  # the whole group; then every rank is killed
+
+SUITES = {
+    2: ["layers_w2", "offset_w2", "too_few_w2", "mismatch_w2", "ddp_w2"],
+    3: ["empty_rank_w3", "too_few_w3", "subgroup_w3"],
+    4: ["layers_w4", "subgroups_w4", "ddp_w4"],
+}
+
+
+def _tail(path: Path, n: int = 3000) -> str:
+    try:
+        return path.read_text(errors="replace")[-n:]
+    except OSError:
+        return ""
+
+
+def _run_group(world: int, cases, folder: Path) -> dict:
+    folder.mkdir(parents=True, exist_ok=True)
+    store = folder / "store"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="default")
+    procs = []
+    for rank in range(world):
+        log = open(folder / f"rank{rank}.log", "w")
+        procs.append((subprocess.Popen(
+            [sys.executable, str(WORKER), str(rank), str(world), str(store), str(folder),
+             str(PG_TIMEOUT_S), *cases],
+            cwd=folder, env=env, stdout=log, stderr=subprocess.STDOUT), log))
+    deadline = time.monotonic() + JOIN_TIMEOUT_S
+    timed_out = False
+    for proc, _ in procs:
+        left = deadline - time.monotonic()
+        try:
+            proc.wait(timeout=max(left, 0.1))
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            break
+    for proc, log in procs:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        log.close()
+    out = {"timed_out": timed_out, "ranks": {}}
+    for rank, (proc, _) in enumerate(procs):
+        res_file = folder / f"rank{rank}.json"
+        res = json.loads(res_file.read_text()) if res_file.exists() else {}
+        out["ranks"][rank] = {"rc": proc.returncode, "results": res,
+                              "log": _tail(folder / f"rank{rank}.log")}
+    return out
+
+
+@pytest.fixture(scope="module")
+def groups(tmp_path_factory):
+    """Runs each world size's group once per module, lazily (a -k selection starts only the
+    groups it needs)."""
+    cache = {}
+
+    def get(world: int) -> dict:
+        if world not in cache:
+            cache[world] = _run_group(world, SUITES[world],
+                                      tmp_path_factory.mktemp(f"gloo{world}"))
+        return cache[world]
+
+    return get
+
+
+@pytest.mark.parametrize("world,case", [(w, c) for w, cs in SUITES.items() for c in cs],
+                         ids=[f"{w}procs-{c}" for w, cs in SUITES.items() for c in cs])
+def test_distributed(groups, world, case):
+    g = groups(world)
+    problems = []
+    for rank, r in g["ranks"].items():
+        status = r["results"].get(case)
+        if status == "ok":
+            continue
+        if status is None:
+            why = "timed out" if g["timed_out"] else f"exit code {r['rc']}"
+            problems.append(f"rank {rank}: no result ({why}); log tail:\n{r['log']}")
+        else:
+            problems.append(f"rank {rank}: {status}")
+    assert not problems, f"{world} processes, case {case}:\n" + "\n".join(problems)
+
+
+def test_all_ranks_exit_cleanly(groups):
+    """Every rank of every group ran all its cases and exited with 0 within the deadline."""
+    for world in SUITES:
+        g = groups(world)
+        assert not g["timed_out"], f"{world} processes: timed out after {JOIN_TIMEOUT_S} s"
+        for rank, r in g["ranks"].items():
+            assert r["rc"] == 0, f"{world} processes, rank {rank}: exit {r['rc']}\n{r['log']}"
