@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import struct
 import zlib
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 
@@ -89,15 +89,18 @@ class Canvas:
     """An RGB raster with the few drawing primitives the charts need."""
 
     def __init__(self, width: int, height: int, background: Color = (255, 255, 255)) -> None:
+        """A ``width`` x ``height`` canvas filled with ``background``."""
         self.pixels = np.empty((height, width, 3), dtype=np.uint8)
         self.pixels[:] = background
 
     @property
     def width(self) -> int:
+        """Width in pixels."""
         return self.pixels.shape[1]
 
     @property
     def height(self) -> int:
+        """Height in pixels."""
         return self.pixels.shape[0]
 
     def rect(self, x0: int, y0: int, x1: int, y1: int, color: Color) -> None:
@@ -108,9 +111,11 @@ class Canvas:
             self.pixels[y0:y1, x0:x1] = color
 
     def hline(self, x0: int, x1: int, y: int, color: Color) -> None:
+        """A horizontal line from x0 to x1 (exclusive) at row y."""
         self.rect(x0, y, x1, y + 1, color)
 
     def vline(self, x: int, y0: int, y1: int, color: Color, dash: int = 0) -> None:
+        """A vertical line from y0 to y1 (exclusive) at column x; dashed when ``dash`` > 0."""
         if dash <= 0:
             self.rect(x, y0, x + 1, y1, color)
             return
@@ -119,6 +124,7 @@ class Canvas:
 
     @staticmethod
     def text_width(s: str, scale: int = 1) -> int:
+        """Width in pixels of ``s`` drawn by :meth:`text`."""
         return len(s) * CHAR_W * scale
 
     def text(self, x: int, y: int, s: str, color: Color = (0, 0, 0), scale: int = 1) -> None:
@@ -137,6 +143,7 @@ class Canvas:
             region[g[sy0:sy1, sx0:sx1]] = color
 
     def save(self, path: str) -> None:
+        """Writes the canvas as a PNG file."""
         write_png(path, self.pixels)
 
 
@@ -155,7 +162,8 @@ PALETTE: List[Color] = [(49, 110, 180), (222, 125, 44), (70, 150, 80), (150, 90,
 
 
 def bar_panels(path: str, labels: Sequence[str], panels: Sequence[dict], title: str = "",
-               notes: Sequence[str] = (), panel_width: int = 250, row_height: int = 14) -> Tuple[int, int]:
+               notes: Sequence[str] = (), panel_width: int = 250,
+               row_height: int = 14) -> Tuple[int, int]:
     """Writes a PNG of horizontal bar panels that share their row labels.
 
     Parameters

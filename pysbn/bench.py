@@ -201,6 +201,7 @@ class Timing:
 
     @property
     def median(self) -> float:
+        """The median sample."""
         return statistics.median(self.samples)
 
     def pct(self, q: float) -> float:
@@ -319,7 +320,8 @@ def _saved_bytes(fn: Callable[[], torch.Tensor], exclude: Sequence[torch.Tensor]
     return sum(seen.values())
 
 
-def peak_memory(module_or_fn, x: torch.Tensor, dy: torch.Tensor,
+def peak_memory(module_or_fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
+                dy: torch.Tensor,
                 params: Sequence[torch.Tensor] = ()) -> Dict[str, Optional[float]]:
     """Memory of one training forward+backward, in bytes.
 
@@ -725,8 +727,8 @@ def markdown(result: dict) -> str:
                 f"| {_x(r['speedup_vs_seed'])} | {'-' if xl is None else f'{xl:.2f}'} |")
         lines.append("")
     if gpu:
-        lines += ["| shape | fmt | dtype | cuDNN f+b ms | native f+b ms | pysbn fwd ms | pysbn f+b ms "
-                  "| seed f+b ms | vs cuDNN | vs native | vs seed | pysbn GB/s (8-pass) "
+        lines += ["| shape | fmt | dtype | cuDNN f+b ms | native f+b ms | pysbn fwd ms "
+                  "| pysbn f+b ms | seed f+b ms | vs cuDNN | vs native | vs seed | pysbn GB/s (8-pass) "
                   "| pysbn x of limit |",
                   "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in gpu:
@@ -760,8 +762,8 @@ def markdown(result: dict) -> str:
     lines += [f"- error: {e}" for e in errs]
     if result.get("memory"):
         lines += ["", "Peak memory of one forward+backward (MB; see memory_method in the JSON):",
-                  "", "| shape | fmt | dtype | device | input MB | torch peak | pysbn peak | seed peak "
-                  "| pysbn / torch | torch saved | pysbn saved | seed saved |",
+                  "", "| shape | fmt | dtype | device | input MB | torch peak | pysbn peak "
+                  "| seed peak | pysbn / torch | torch saved | pysbn saved | seed saved |",
                   "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for m in result["memory"]:
             if "error" in m:
@@ -820,8 +822,8 @@ def chart(result: dict, path: str) -> Tuple[int, int]:
          "ref": 1.0, "fmt": "{:.2f}"},
     ]
     if mem:
-        panels.append({"title": "peak memory / nn.BatchNorm", "values": [mem_ratio(r) for r in rows],
-                       "ref": 1.0, "fmt": "{:.2f}"})
+        panels.append({"title": "peak memory / nn.BatchNorm",
+                       "values": [mem_ratio(r) for r in rows], "ref": 1.0, "fmt": "{:.2f}"})
     env = result["environment"]
     notes = [f"{env['cpu']}, {env['cores']} cores; torch {env['torch']}; pysbn {env['pysbn']}; "
              f"{env['date']}",
