@@ -35,9 +35,15 @@ _DT = F._DTYPES
 _EPS_MODES = F._EPS_MODES
 
 
-def too_few_values(shape) -> ValueError:
-    return ValueError(f"Expected more than 1 value per channel when training, got input size "
-                      f"{torch.Size(shape)}")
+def too_few_values(shape, agreed: bool = False) -> ValueError:
+    """The error of nn.BatchNorm for one value per channel in training. ``agreed``: decided on
+    the global count after the sync, so every member raises it by itself (the layer then does
+    not abort the group: that would turn the other members' ValueError into a
+    SyncAbortedError)."""
+    exc = ValueError(f"Expected more than 1 value per channel when training, got input size "
+                     f"{torch.Size(shape)}")
+    exc._sbn_agreed = agreed
+    return exc
 
 
 def _run(device: torch.device, cpu_op, cuda_op, *args) -> None:
@@ -128,10 +134,11 @@ class SyncBatchNormFunction(torch.autograd.Function):
             except BaseException as exc:
                 sync.abort(exc)
                 raise
-            # Global count <= 1 implies a local count <= 1: only then read the global count
-            # (no host synchronisation in the common case).
-            if n * l <= 1 and float(stats[0]) <= 1.0:
-                raise too_few_values(x.shape)
+            # Global count 1 implies a local count <= 1: only then read the global count
+            # (no host synchronisation in the common case). A global count of 0 (every
+            # member empty) is a zero-size batch, as for a lone layer.
+            if n * l <= 1 and float(stats[0]) == 1.0:
+                raise too_few_values(x.shape, agreed=True)
             update = sync.updates_running_stats
         else:
             if n * l == 1:

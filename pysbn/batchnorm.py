@@ -170,7 +170,9 @@ class _SynchronizedBatchNorm(_BatchNorm):
         try:
             return self._forward(input)
         except BaseException as exc:
-            if sync is not None:
+            # An error every replica raises by itself (decided on the global count) must not
+            # abort the group: the others would get a SyncAbortedError instead of it.
+            if sync is not None and not getattr(exc, "_sbn_agreed", False):
                 sync.abort(exc)
             raise
 
