@@ -99,6 +99,12 @@ def _backward(ctx, dy, x, weight, mean, invstd, count, sync, fixed):
                 raise
         else:
             gsums = sums
+        clamped = getattr(ctx, "clamped", None)
+        if clamped is not None:
+            # eps mode "clamp": invstd = 1/sqrt(max(var, eps)) does not depend on the variance
+            # of a channel with var < eps, so its dx has no variance term (sum_dy_xmu = 0).
+            # Out of place: gsums may be shared with the other replicas.
+            gsums = torch.cat((gsums[:c], gsums[c:].masked_fill(clamped, 0.0)))
         dx = F._empty_in_layout(x, g[3])
         _run(dev, _core.cpu_backward_elemt, _core.cuda_backward_elemt,
              dy.data_ptr(), xv.data_ptr(), dxt, g, mean.data_ptr(), invstd.data_ptr(),
@@ -157,6 +163,9 @@ class SyncBatchNormFunction(torch.autograd.Function):
              y.data_ptr())
         ctx.param_dtype = pdt
         ctx.sync = sync
+        ctx.clamped = None
+        if eps_mode == "clamp":  # channels whose invstd is clamped (no host synchronisation)
+            ctx.clamped = stats[1 + c:] < eps * stats[0]
         ctx.save_for_backward(x, weight, mean, invstd, stats[:1])
         return y
 

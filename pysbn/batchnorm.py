@@ -313,6 +313,16 @@ def _transplant(src: _BatchNorm, dst: _BatchNorm) -> _BatchNorm:
     return dst
 
 
+def _data_parallel_args(dp: nn.DataParallel) -> dict:
+    """The constructor arguments of an ``nn.DataParallel``. Without a GPU, torch's constructor
+    returns early: ``device_ids`` is ``[]`` and ``output_device``/``dim`` are never set (a new
+    one made on such a machine is again a plain wrapper, whatever the arguments)."""
+    if not dp.device_ids:
+        return {}
+    return {"device_ids": list(dp.device_ids),
+            "output_device": getattr(dp, "output_device", None), "dim": getattr(dp, "dim", 0)}
+
+
 def convert_model(module: nn.Module, process_group: Optional[object] = None) -> nn.Module:
     """Replaces ``nn.BatchNorm1d/2d/3d`` layers by the synchronized ones.
 
@@ -337,8 +347,7 @@ def convert_model(module: nn.Module, process_group: Optional[object] = None) -> 
 
     if isinstance(module, nn.DataParallel) and not isinstance(module, DataParallelWithCallback):
         inner = convert_model(module.module, process_group)
-        return DataParallelWithCallback(inner, device_ids=module.device_ids,
-                                        output_device=module.output_device, dim=module.dim)
+        return DataParallelWithCallback(inner, **_data_parallel_args(module))
     return _convert(module, process_group, "")
 
 
@@ -368,8 +377,7 @@ def revert_model(module: nn.Module) -> nn.Module:
     from .replicate import DataParallelWithCallback
 
     if isinstance(module, DataParallelWithCallback):
-        return nn.DataParallel(revert_model(module.module), device_ids=module.device_ids,
-                               output_device=module.output_device, dim=module.dim)
+        return nn.DataParallel(revert_model(module.module), **_data_parallel_args(module))
     out = module
     for plain, sync in _PAIRS:
         if isinstance(module, sync):
