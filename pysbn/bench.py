@@ -239,12 +239,16 @@ def _timer(device: torch.device) -> Callable[[Fn, int], List[float]]:
 
 
 def measure(fns: Dict[str, Fn], warmup: int, reps: int, rounds: int, min_time: float,
-            device: torch.device = torch.device("cpu")) -> Dict[str, Timing]:
+            device: torch.device = torch.device("cpu"),
+            max_time: Optional[float] = None) -> Dict[str, Timing]:
     """Times every function, interleaved round-robin.
 
     Each function gets ``warmup`` calls, then ``rounds`` rounds; in each round every function
     runs ``max(reps / rounds, min_time / rounds / t)`` times in turn (t: one call's time), so
-    each gets at least ``reps`` samples and about ``min_time`` seconds in all.
+    each gets at least ``reps`` samples and about ``min_time`` seconds in all. With
+    ``max_time``, a function slower than ``max_time / reps`` per call gets only about
+    ``max_time`` seconds (at least 2 samples per round): this bounds the seed's composition on
+    the largest shapes, whose time would otherwise dominate a run.
     """
     timer = _timer(device)
     if device.type == "cuda":
@@ -255,7 +259,10 @@ def measure(fns: Dict[str, Fn], warmup: int, reps: int, rounds: int, min_time: f
     per = {}
     for name, fn in fns.items():
         dt = max(timer(fn, 1)[0], 1e-7)
-        per[name] = max(math.ceil(reps / rounds), math.ceil(min_time / rounds / dt), 1)
+        n = max(math.ceil(reps / rounds), math.ceil(min_time / rounds / dt), 1)
+        if max_time is not None:
+            n = min(n, max(2, math.ceil(max_time / rounds / dt)))
+        per[name] = n
     samples: Dict[str, List[float]] = {name: [] for name in fns}
     for _ in range(max(rounds, 1)):
         for name, fn in fns.items():
@@ -563,7 +570,7 @@ def _bench_row(sid, shape, fmt, dtype_name, device, nt, settings) -> dict:
     read, copy = _probes(x)
     fns["probe.read"], fns["probe.copy"] = read, copy
     t = measure(fns, settings["warmup"], settings["reps"], settings["rounds"],
-                settings["min_time_s"], device)
+                settings["min_time_s"], device, settings.get("max_time_s"))
     nbytes = x.numel() * x.element_size()
     bw = max(nbytes / t["probe.read"].median, 2 * nbytes / t["probe.copy"].median)
     limit_fwd, limit = 2 * nbytes / bw, 5 * nbytes / bw
@@ -877,6 +884,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--min-time", type=float, default=0.5,
                     help="at least this many seconds per implementation and row")
+    ap.add_argument("--max-time", type=float, default=3.0,
+                    help="at most about this many seconds per implementation and row (fewer "
+                         "than --reps samples for calls slower than max-time/reps)")
     ap.add_argument("--out", default="bench-out",
                     help="output folder for bench.json, bench.md and bench.png")
     ap.add_argument("--no-numerics", action="store_true")
@@ -941,7 +951,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if a.quick:
         a.reps, a.rounds, a.warmup, a.min_time = 10, 3, 2, 0.05
     settings = {"warmup": a.warmup, "reps": a.reps, "rounds": a.rounds, "min_time_s": a.min_time,
-                "argv": argv}
+                "max_time_s": a.max_time, "argv": argv}
     t0 = time.perf_counter()
     result = run(shapes, threads, settings, devices=devices, dtypes=dtypes, formats=formats,
                  numerics=not a.no_numerics, memory=not a.no_memory, custom=custom)
