@@ -112,6 +112,24 @@ def _backward(ctx, dy, x, weight, mean, invstd, count, sync, fixed):
     return dx, gw, gb
 
 
+def _first_order_only(grads, dy, x, weight):
+    """The core's backward is not differentiable. Under ``create_graph=True`` (grad mode on in
+    the backward) with a second-order path through dy, x or weight, the gradients come back
+    wrapped so that differentiating them raises, instead of silently missing that term (as
+    ``torch.autograd.function.once_differentiable`` does, which only looks at dy)."""
+    if not torch.is_grad_enabled() or not (
+            dy.requires_grad or x.requires_grad or (weight is not None and weight.requires_grad)):
+        return grads
+    delayed = getattr(torch._C._functions, "DelayedError", None)
+    if delayed is None:  # pragma: no cover - private torch API moved
+        return grads
+    err = delayed(b"pysbn: the synchronized batch norm's backward is not differentiable "
+                  b"(double backward / create_graph through the layer is not supported)",
+                  len(grads))
+    alias = [None if g is None else g.detach().requires_grad_() for g in grads]
+    return tuple(err(*alias))
+
+
 class SyncBatchNormFunction(torch.autograd.Function):
     """Training-mode batch norm with statistics synchronised by ``sync`` (None: local only).
 
@@ -173,6 +191,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
     def backward(ctx, dy: torch.Tensor):
         x, weight, mean, invstd, count = ctx.saved_tensors
         dx, gw, gb = _backward(ctx, dy, x, weight, mean, invstd, count, ctx.sync, False)
+        dx, gw, gb = _first_order_only((dx, gw, gb), dy, x, weight)
         return dx, gw, gb, None, None, None, None, None, None
 
 
@@ -201,4 +220,5 @@ class FixedStatsBatchNormFunction(torch.autograd.Function):
         x, weight, mean, invstd = ctx.saved_tensors
         one = torch.ones(1, dtype=_STATS, device=x.device)
         dx, gw, gb = _backward(ctx, dy, x, weight, mean, invstd, one, None, True)
+        dx, gw, gb = _first_order_only((dx, gw, gb), dy, x, weight)
         return dx, gw, gb, None, None

@@ -473,3 +473,22 @@ def test_eval_without_running_stats_uses_batch_stats():
     y = check_step(sbn, ref, x, 1e-10)
     var, mean = torch.var_mean(x, (0, 2, 3), correction=0, keepdim=True)
     close(y, (x - mean) / torch.sqrt(var + 1e-5), 1e-10, "batch-stat output")
+
+
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_double_backward_is_an_error_not_silently_zero(train, affine):
+    """The backward is not differentiable: create_graph must fail loudly when the second-order
+    term goes through the layer (a gradient penalty would otherwise miss it silently); the
+    first-order gradients are still right."""
+    conv = nn.Conv2d(3, 3, 1).double()
+    sbn, ref = make_pair(2, 3, affine=affine)
+    sbn.train(train)
+    ref.train(train)
+    x = torch.randn(4, 3, 2, 2, dtype=torch.float64, requires_grad=True)
+    dy = torch.randn(4, 3, 2, 2, dtype=torch.float64)
+    g, = torch.autograd.grad(sbn(conv(x)), x, dy, create_graph=True)
+    gr, = torch.autograd.grad(ref(conv(x)), x, dy, create_graph=True)
+    close(g, gr, 1e-10, "first-order grad under create_graph")
+    with pytest.raises(RuntimeError, match="not differentiable"):
+        g.pow(2).sum().backward()
