@@ -136,7 +136,7 @@ def demo(args) -> int:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m pysbn")
     sub = ap.add_subparsers(dest="cmd", required=True)
-    sub.add_parser("demo", help="run the main job")
+    sub.add_parser("demo", help="run the main job", add_help=False)
     sub.add_parser("bench", help="run the benchmark protocol", add_help=False)
     sub.add_parser("info", help="version, build and devices")
     args, rest = ap.parse_known_args(argv)
@@ -144,11 +144,13 @@ def main(argv=None) -> int:
         from . import bench
 
         return bench.main(rest)
+    if args.cmd == "demo":
+        from . import demo as demo_job
+
+        return demo_job.main(rest)
     if rest:
         ap.error(f"unrecognized arguments: {' '.join(rest)}")
-    if args.cmd == "info":
-        return info()
-    return demo(args)
+    return info()
 
 
 if __name__ == "__main__":
