@@ -305,7 +305,12 @@ def case_too_few_w2() -> None:
     ck = Checks(f"too few values (rank {RANK})")
     ck.failures += check_too_few([1, 0])
     ck.failures += check_too_few([0, 1])
-    ck.failures += check_too_few([0, 0])
+    # every rank empty: a zero-size batch (as for a lone layer), not an error; no stats change
+    layer = pysbn.SynchronizedBatchNorm1d(3)
+    y = layer(torch.randn(0, 3))
+    ck.true(tuple(y.shape) == (0, 3), f"shares [0, 0]: output shape {tuple(y.shape)}")
+    ck.true(bool((layer.running_mean == 0).all()) and bool((layer.running_var == 1).all()),
+            "shares [0, 0]: the running stats changed")
     # BN2d with 1x1 planes: the count is N*H*W
     layer = pysbn.SynchronizedBatchNorm2d(2)
     err = _expect(ValueError, "more than 1 value per channel",

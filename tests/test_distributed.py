@@ -118,3 +118,16 @@ def test_all_ranks_exit_cleanly(groups):
         assert not g["timed_out"], f"{world} processes: timed out after {JOIN_TIMEOUT_S} s"
         for rank, r in g["ranks"].items():
             assert r["rc"] == 0, f"{world} processes, rank {rank}: exit {r['rc']}\n{r['log']}"
+
+
+def test_demo_main_job(tmp_path):
+    """``python -m pysbn demo`` from a foreign folder: 2 Gloo processes, PASS, exit 0."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "pysbn", "demo", "--steps", "4", "--batch", "6"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=JOIN_TIMEOUT_S)
+    lines = proc.stdout.strip().splitlines()
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert lines and lines[-1].startswith("PASS: "), proc.stdout[-3000:]
+    assert "2 process(es)" in lines[-1] and "samples/s" in lines[-1]
+    assert sum(ln.startswith("[") and "loss" in ln for ln in lines) == 4
