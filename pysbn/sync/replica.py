@@ -94,6 +94,21 @@ class ReplicaGroup:
                     "calls; every replica must call each layer the same number of times")
                 return
 
+    def _timeout_error(self, rnd: _Round, rank: int, direction: str, seq: int,
+                       timeout: float) -> SyncAbortedError:
+        came = [r for r, p in enumerate(rnd.payloads) if p is not None]
+        missing = [r for r, p in enumerate(rnd.payloads) if p is None]
+        if missing:
+            what = (f"replicas {came} arrived but replicas {missing} never did (they failed "
+                    "outside this layer, are stuck, or called this layer fewer times)")
+        else:  # every payload is in, but the master never published the reduced result
+            what = ("every replica arrived but the master (replica 0) never published the "
+                    "result")
+        return SyncAbortedError(
+            f"SynchronizedBatchNorm layer '{self.name}': timed out after {timeout:g} s in "
+            f"{direction} call {seq + 1} (replica {rank} gave up first): {what}; "
+            "see pysbn.set_sync_timeout")
+
     def _raise_error(self) -> None:
         err = self._error
         raise SyncAbortedError(str(err)) from (err.__cause__ or err)
@@ -124,14 +139,7 @@ class ReplicaGroup:
             while not ready():
                 left = deadline - time.monotonic()
                 if left <= 0.0:
-                    missing = [r for r, p in enumerate(rnd.payloads) if p is None]
-                    if rank != 0 and not missing:
-                        missing = [0]  # every payload is in; the master never reduced them
-                    self._error = SyncAbortedError(
-                        f"SynchronizedBatchNorm layer '{self.name}': replica {rank} waited "
-                        f"{timeout:g} s in {direction} call {seq + 1} but replicas {missing} "
-                        "never arrived (they failed elsewhere, or called this layer fewer "
-                        "times); see pysbn.set_sync_timeout")
+                    self._error = self._timeout_error(rnd, rank, direction, seq, timeout)
                     self._cv.notify_all()
                     raise self._error
                 self._cv.wait(left)
