@@ -97,7 +97,8 @@ class _SynchronizedBatchNorm(_BatchNorm):
     def _check_input_dim(self, input: torch.Tensor) -> None:
         if input.dim() not in self._expected_dims:
             want = " or ".join(f"{d}D" for d in self._expected_dims)
-            raise ValueError(f"expected {want} input (got {input.dim()}D input)")
+            raise ValueError(f"{type(self).__name__}: expected {want} input (got "
+                             f"{input.dim()}D input)")
 
     def _layer_name(self) -> str:
         return self._sbn_name or f"{type(self).__name__}({self.num_features})"
@@ -106,6 +107,9 @@ class _SynchronizedBatchNorm(_BatchNorm):
         name = type(self).__name__
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{name}: input must be a torch.Tensor, got {type(x).__name__}")
+        if x.layout != torch.strided:
+            raise ValueError(f"{name}: input must be a dense (strided) tensor, got layout "
+                             f"{x.layout}")
         self._check_input_dim(x)
         if x.dtype not in _FLOATS:
             raise TypeError(f"{name}: input has dtype {x.dtype}; expected float32, float64, "
@@ -124,6 +128,12 @@ class _SynchronizedBatchNorm(_BatchNorm):
             if t.device != x.device:
                 raise ValueError(f"{name}: {pname} is on {t.device} but input is on {x.device}; "
                                  "move the layer to the input's device (.to(device))")
+            # The core reads (and, for the running stats, writes) C contiguous values.
+            if t.shape != (self.num_features,) or not t.is_contiguous():
+                what = (f"has shape {tuple(t.shape)}" if t.shape != (self.num_features,)
+                        else f"is not contiguous (strides {t.stride()})")
+                raise ValueError(f"{name}: {pname} {what}; expected a contiguous tensor of "
+                                 f"shape ({self.num_features},)")
             if pname in ("weight", "bias"):
                 if not (t.dtype == x.dtype or (half and t.dtype == torch.float32)):
                     raise TypeError(f"{name}: {pname} has dtype {t.dtype} but input has dtype "
@@ -136,6 +146,10 @@ class _SynchronizedBatchNorm(_BatchNorm):
                 ref = t
             elif t.dtype not in _FLOATS:
                 raise TypeError(f"{name}: {pname} has dtype {t.dtype}; expected a float dtype")
+            elif pname == "running_var" and self.running_mean is not None \
+                    and t.dtype != self.running_mean.dtype:
+                raise TypeError(f"{name}: running_var has dtype {t.dtype} but running_mean has "
+                                f"dtype {self.running_mean.dtype}; they must match")
 
     # ---- synchronisation ------------------------------------------------------------------------
 
@@ -195,9 +209,23 @@ class _SynchronizedBatchNorm(_BatchNorm):
             else:
                 factor = float(self.momentum)
         sync = self._synchronizer() if self.training else None
-        y = SyncBatchNormFunction.apply(
-            x, self.weight, self.bias, self.running_mean if track else None,
-            self.running_var if track else None, eps, _eps_mode, factor, sync)
+        rm = self.running_mean if track else None
+        rv = self.running_var if track else None
+        # Atomicity: the running stats are updated in place inside the Function (finalize,
+        # after the sync); keep their old values (2C elements) so that a failure after that
+        # point (in normalize, or anything later) leaves them exactly as they were.
+        saved = None
+        if rm is not None and rv is not None and (sync is None or sync.updates_running_stats):
+            saved = torch.cat((rm, rv))
+        try:
+            y = SyncBatchNormFunction.apply(x, self.weight, self.bias, rm, rv, eps, _eps_mode,
+                                            factor, sync)
+        except BaseException:
+            if saved is not None:
+                with torch.no_grad():
+                    rm.copy_(saved[:rm.numel()])
+                    rv.copy_(saved[rm.numel():])
+            raise
         if nbt is not None:
             nbt.add_(1)
         return y
