@@ -6,6 +6,8 @@
 #include <pysbn/core.hpp>
 #include <pysbn/error.hpp>
 
+#include <cstdint>
+#include <limits>
 #include <string>
 
 namespace pysbn::detail {
@@ -35,6 +37,18 @@ inline void check_input(const char* op, DType dtype, const Geometry& g)
                   ", C=" + std::to_string(g.c) + ", L=" + std::to_string(g.l) + ")");
   PYSBN_EXPECTS(g.layout == Layout::ChannelMajor || g.layout == Layout::ChannelsLast,
                 std::string(op) + ": layout must be ChannelMajor (0) or ChannelsLast (1)");
+  // N*C*L values of up to 8 bytes must be addressable: no int64 overflow anywhere downstream.
+  constexpr int64_t max_values = std::numeric_limits<int64_t>::max() / 8;
+  bool fits = true;
+  int64_t prod = 1;
+  for (int64_t e : {g.n, g.c, g.l}) {
+    if (e != 0 && prod > max_values / e) { fits = false; }
+    prod = fits ? prod * e : prod;
+  }
+  PYSBN_EXPECTS(fits || g.n == 0 || g.c == 0 || g.l == 0,
+                std::string(op) + ": geometry (N=" + std::to_string(g.n) + ", C=" +
+                  std::to_string(g.c) + ", L=" + std::to_string(g.l) +
+                  ") is too large: N*C*L overflows");
 }
 
 inline void check_param_dtype(const char* op, DType dtype, DType param_dtype)

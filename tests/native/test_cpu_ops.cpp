@@ -1386,6 +1386,29 @@ TEST_F(Errors, BadGeometryDtypeLayoutAndThreads)
   }
 }
 
+TEST_F(Errors, OverflowingGeometryIsRejected)
+{
+  // N*C*L would overflow int64 (undefined behaviour in every size computation downstream).
+  const int64_t big = int64_t{1} << 40;
+  for (const Geometry bad : {Geometry{big, big, 1, Layout::ChannelMajor}, Geometry{1, big, big, Layout::ChannelsLast},
+                             Geometry{big, 2, big, Layout::ChannelMajor}}) {
+    expect_invalid("moments", {"geometry"}, [&] { cpu::moments(x.data(), f, bad, st.data(), 1); });
+    expect_invalid("sum_ft", {"geometry"}, [&] { cpu::sum_ft(x.data(), f, bad, sum_out.data(), 1); });
+    expect_invalid("normalize", {"geometry"}, [&] {
+      cpu::normalize(x.data(), f, bad, mean.data(), invstd.data(), w.data(), b.data(), f, out.data(), 1);
+    });
+    expect_invalid("backward_reduce", {"geometry"}, [&] {
+      cpu::backward_reduce(dy.data(), x.data(), f, bad, mean.data(), invstd.data(), sums.data(), nullptr, nullptr, f, 1);
+    });
+    expect_invalid("backward_elemt", {"geometry"}, [&] {
+      cpu::backward_elemt(dy.data(), x.data(), f, bad, mean.data(), invstd.data(), w.data(), f, sums.data(), &cnt,
+                          out.data(), 1);
+    });
+  }
+  // A zero extent makes the product 0 however large the others are: valid (nothing to do).
+  EXPECT_NO_THROW(cpu::moments(nullptr, f, Geometry{0, C, int64_t{1} << 62, Layout::ChannelMajor}, st.data(), 1));
+}
+
 TEST_F(Errors, BadParamDtype)
 {
   // (input dtype, param dtype) pairs outside "equal, or float32 for float16/bfloat16 input".
