@@ -236,6 +236,67 @@ def test_sequential_matches_plain_net(k, fmt):
                 close(mine, b, 1e-10, f"step {step} {name}")
 
 
+class TwiceNet(nn.Module):
+    """One synchronized layer called twice per forward, on independent branches."""
+
+    def __init__(self, bn):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 1)
+        self.bn = bn
+
+    def forward(self, x):
+        return self.bn(self.conv(x)) * self.bn(x * 2.0 + 1.0)
+
+
+def test_layer_called_twice_per_forward():
+    ref = TwiceNet(nn.BatchNorm2d(3)).double()
+    randomize(ref.bn)
+    net = TwiceNet(pysbn.SynchronizedBatchNorm2d(3)).double()
+    net.load_state_dict(ref.state_dict())
+    replicas = make_replicas(net, 3)
+    shares = [2, 1, 3]
+    for step in range(2):
+        x = torch.randn(6, 3, 2, 3, dtype=torch.float64)
+        dy = torch.randn_like(x)
+        xs = [p.clone().requires_grad_() for p in x.split(shares)]
+        ys = dp_step(replicas, xs, list(dy.split(shares)))
+        xr = x.clone().requires_grad_()
+        yr = ref(xr)
+        yr.backward(dy)
+        close(torch.cat(ys), yr, 1e-10, "output")
+        close(torch.cat([p.grad for p in xs]), xr.grad, 1e-10, "input grad")
+        for name, p in ref.named_parameters():
+            g = sum(dict(r.named_parameters())[name].grad for r in replicas)
+            close(g, p.grad, 1e-10, f"grad of {name}")
+        close(net.bn.running_var, ref.bn.running_var, 1e-10, "running_var")
+        assert int(net.bn.num_batches_tracked) == int(ref.bn.num_batches_tracked) == 2 * step + 2
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_replicas(dtype):
+    """Half inputs with float32 parameters across replicas vs nn.BatchNorm on the whole half
+    batch (loose tolerance: both round to half)."""
+    ref = nn.BatchNorm2d(4)
+    randomize(ref)
+    module = pysbn.SynchronizedBatchNorm2d(4)
+    module.load_state_dict(ref.state_dict())
+    replicas = make_replicas(module, 2)
+    shares = [3, 2]
+    x = (torch.randn(5, 4, 3, 3) * 2 + 1).to(dtype)
+    dy = torch.randn(5, 4, 3, 3).to(dtype)
+    xs = [p.clone().requires_grad_() for p in x.split(shares)]
+    ys = dp_step(replicas, xs, list(dy.split(shares)))
+    xr = x.clone().requires_grad_()
+    yr = ref(xr)
+    yr.backward(dy)
+    tol = 1e-2 if dtype == torch.float16 else 6e-2
+    assert ys[0].dtype == dtype
+    close(torch.cat(ys), yr, tol, "output")
+    close(torch.cat([p.grad for p in xs]), xr.grad, tol, "input grad")
+    close(sum(r.weight.grad for r in replicas), ref.weight.grad, 4 * tol, "weight grad")
+    close(module.running_var, ref.running_var, 1e-3, "running_var")
+
+
 # ---- semantics ----------------------------------------------------------------------------------
 
 def test_only_replica_zero_updates_running_stats():

@@ -492,3 +492,18 @@ def test_double_backward_is_an_error_not_silently_zero(train, affine):
     close(g, gr, 1e-10, "first-order grad under create_graph")
     with pytest.raises(RuntimeError, match="not differentiable"):
         g.pow(2).sum().backward()
+
+
+@pytest.mark.parametrize("xfmt,dyfmt", [("contiguous", "channels_last"),
+                                        ("channels_last", "contiguous"),
+                                        ("channels_last", "strided")])
+def test_upstream_grad_in_another_layout(xfmt, dyfmt):
+    sbn, ref = make_pair(2, 4)
+    x = make_input((3, 4, 5, 6), torch.float64, xfmt)
+    xs, xr = x.clone().requires_grad_(), x.clone().requires_grad_()
+    dy = to_format(torch.randn(3, 4, 5, 6, dtype=torch.float64), dyfmt)
+    sbn(xs).backward(dy)
+    ref(xr).backward(dy)
+    close(xs.grad, xr.grad, 1e-10, "input grad")
+    close(sbn.weight.grad, ref.weight.grad, 1e-10, "weight grad")
+    close(sbn.bias.grad, ref.bias.grad, 1e-10, "bias grad")
