@@ -137,7 +137,9 @@ def parallel_apply(modules: Sequence[nn.Module], inputs: Sequence[Any],
                 results[i] = output
             for g in groups:
                 g.finished(i, "forward")
-        except Exception as exc:  # noqa: BLE001 - re-raised in the caller's thread
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
+            # BaseException too: a replica thread that died on SystemExit/KeyboardInterrupt
+            # must still release the others and leave a result to report
             with lock:
                 results[i] = (exc, ExceptionWrapper(where=f"in replica {i} on device {device}"))
             for g in groups:

@@ -220,6 +220,18 @@ def test_failure_elsewhere_under_parallel_apply_releases_at_once():
     assert outs[0].end - start["t"] < AT_ONCE_S
 
 
+def test_base_exception_in_a_replica_under_parallel_apply_releases_at_once():
+    pysbn.set_sync_timeout(LONG_TIMEOUT)
+    reps, groups = replicas_of(Net(), 2)
+    reps[1].fail = SystemExit("replica 1 exited")
+    xs = [torch.randn(2, 4, 3, 3) for _ in reps]
+    t0 = time.monotonic()
+    outs = in_threads([lambda: parallel_apply(reps, xs, groups=groups)])
+    assert isinstance(outs[0].error, SystemExit), repr(outs[0].error)
+    assert "replica 1 exited" in str(outs[0].error)
+    assert outs[0].end - t0 < AT_ONCE_S
+
+
 def test_failure_elsewhere_without_parallel_apply_times_out():
     timeout = 0.5
     pysbn.set_sync_timeout(timeout)
