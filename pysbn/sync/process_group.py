@@ -7,6 +7,7 @@ from typing import List
 
 import torch
 
+from .. import _core
 from .. import functional as F
 from .base import Synchronizer
 
@@ -59,24 +60,36 @@ class ProcessGroupSync(Synchronizer):
         c = (width - 1) // 2
         seq = self._counter[0]
         self._counter[0] += 1
+        world = self.world_size
+        cpu = record.device.type == "cpu"
         payload = torch.empty(width + 2, dtype=record.dtype, device=record.device)
-        payload[0] = float(c)  # a fill, not a host read: no synchronisation on CUDA
-        payload[1] = float(seq)
-        payload[2:].copy_(record)
-        gathered = torch.empty(self.world_size * (width + 2), dtype=record.dtype,
-                               device=record.device)
+        if cpu:  # numpy views: a few us less per call than tensor indexing
+            a = payload.numpy()
+            a[0] = c
+            a[1] = seq
+            a[2:] = record.numpy()
+        else:  # fills and a device copy: nothing is read on the host
+            payload[0] = float(c)
+            payload[1] = float(seq)
+            payload[2:].copy_(record)
+        gathered = torch.empty(world * (width + 2), dtype=record.dtype, device=record.device)
         _all_gather_flat(gathered, payload, self.group)
-        gathered = gathered.view(self.world_size, width + 2)
-        if gathered.device.type == "cpu":  # free to read on the host; skipped on CUDA
-            header = gathered[:, :2]
-            if not bool((header == header[:1]).all()):
-                rows = [(int(h[0]), int(h[1]) + 1) for h in header.tolist()]
+        gathered = gathered.view(world, width + 2)
+        if cpu:  # free to read on the host; skipped on CUDA
+            rows = gathered[:, :2].numpy().tolist()
+            if any(r != rows[0] for r in rows):
+                rows = [(int(h[0]), int(h[1]) + 1) for h in rows]
                 raise RuntimeError(
                     f"SynchronizedBatchNorm layer '{self.name}': ranks of the process group are "
                     f"not at the same layer call; (channels, call number) per rank: {rows}. "
                     "Every rank must call each layer the same number of times, with the same "
                     "number of channels")
-        return F.merge_moments(gathered[:, 2:])
+        # F.merge_moments without its argument checks (the records are ours): per-call cost
+        records = gathered[:, 2:].contiguous()
+        out = torch.empty(width, dtype=record.dtype, device=record.device)
+        F._run(record.device, _core.cpu_merge_moments, _core.cuda_merge_moments, world, c,
+               records.data_ptr(), out.data_ptr(), threaded=False)
+        return out
 
     def backward(self, sums: torch.Tensor) -> torch.Tensor:
         import torch.distributed as dist
