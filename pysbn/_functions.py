@@ -92,11 +92,7 @@ def _backward(ctx, dy, x, weight, mean, invstd, count, sync, fixed):
         if fixed:
             gsums = torch.zeros(2 * c, dtype=_STATS, device=dev)
         elif sync is not None:
-            try:
-                gsums = sync.backward(sums)
-            except BaseException as exc:
-                sync.abort(exc)
-                raise
+            gsums = sync.backward(sums)
         else:
             gsums = sums
         clamped = getattr(ctx, "clamped", None)
@@ -190,7 +186,14 @@ class SyncBatchNormFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
         x, weight, mean, invstd, count = ctx.saved_tensors
-        dx, gw, gb = _backward(ctx, dy, x, weight, mean, invstd, count, ctx.sync, False)
+        try:
+            dx, gw, gb = _backward(ctx, dy, x, weight, mean, invstd, count, ctx.sync, False)
+        except BaseException as exc:
+            # Whatever failed (the reduction, an allocation, the sync), the other replicas
+            # waiting at this layer's backward are released now rather than at the timeout.
+            if ctx.sync is not None:
+                ctx.sync.abort(exc)
+            raise
         dx, gw, gb = _first_order_only((dx, gw, gb), dy, x, weight)
         return dx, gw, gb, None, None, None, None, None, None
 

@@ -17,7 +17,6 @@ made, and re-raises the original exception rather than the secondary ones.
 from __future__ import annotations
 
 import contextlib
-import functools
 import threading
 from typing import Any, List, Optional, Sequence
 
@@ -218,9 +217,52 @@ class DataParallelWithCallback(nn.DataParallel):
         return state
 
 
+class _Patched:
+    """The replicate / parallel_apply installed on a patched ``nn.DataParallel`` instance.
+
+    A plain object (not a closure), so a patched module still pickles, deep-copies (the copy's
+    patch refers to the copy) and saves with ``torch.save``."""
+
+    def __init__(self, data_parallel: nn.DataParallel, shared: "_PatchState", what: str) -> None:
+        self.data_parallel = data_parallel
+        self.shared = shared
+        self.what = what
+
+    def __call__(self, *args):
+        dp = self.data_parallel
+        if self.what == "replicate":
+            module, device_ids = args
+            modules = type(dp).replicate(dp, module, device_ids)
+            self.shared.local.groups = execute_replication_callbacks(modules)
+            return modules
+        replicas, inputs, kwargs = args
+        groups = getattr(self.shared.local, "groups", ())
+        self.shared.local.groups = ()
+        return parallel_apply(replicas, inputs, kwargs, dp.device_ids[:len(replicas)], groups)
+
+
+class _PatchState:
+    """Per-thread hand-over of the groups from replicate to parallel_apply (not pickled)."""
+
+    def __init__(self) -> None:
+        self.local = threading.local()
+
+    def __getstate__(self) -> dict:
+        return {}
+
+    def __setstate__(self, state: dict) -> None:
+        self.local = threading.local()
+
+
 def patch_replication_callback(data_parallel: nn.DataParallel) -> None:
     """Monkey-patches an existing ``nn.DataParallel`` so that it runs the replication callbacks
     (and pysbn's failure-aware :func:`parallel_apply`), as ``DataParallelWithCallback`` does.
+
+    Parameters
+    ----------
+    data_parallel : nn.DataParallel
+        Patched in place (its ``replicate`` and ``parallel_apply``); it keeps its class, and
+        still pickles and deep-copies.
 
     Examples
     --------
@@ -230,20 +272,9 @@ def patch_replication_callback(data_parallel: nn.DataParallel) -> None:
     if not isinstance(data_parallel, nn.DataParallel):
         raise TypeError(f"patch_replication_callback: data_parallel must be an nn.DataParallel, "
                         f"got {type(data_parallel).__name__}")
-    old_replicate = data_parallel.replicate
-    local = threading.local()
-
-    @functools.wraps(old_replicate)
-    def new_replicate(module, device_ids):
-        modules = old_replicate(module, device_ids)
-        local.groups = execute_replication_callbacks(modules)
-        return modules
-
-    def new_parallel_apply(replicas, inputs, kwargs):
-        groups = getattr(local, "groups", ())
-        local.groups = ()
-        return parallel_apply(replicas, inputs, kwargs,
-                              data_parallel.device_ids[:len(replicas)], groups)
-
-    data_parallel.replicate = new_replicate
-    data_parallel.parallel_apply = new_parallel_apply
+    if isinstance(data_parallel, DataParallelWithCallback) or isinstance(
+            data_parallel.__dict__.get("replicate"), _Patched):
+        return  # already runs the callbacks
+    shared = _PatchState()
+    data_parallel.replicate = _Patched(data_parallel, shared, "replicate")
+    data_parallel.parallel_apply = _Patched(data_parallel, shared, "parallel_apply")

@@ -413,3 +413,18 @@ def test_patch_replication_callback_and_wrapper_on_cpu():
     close(twin(x), ref(x), 1e-12, "DataParallelWithCallback copy")
     twin = copy.deepcopy(wrapped)
     close(twin(x), ref(x), 1e-12, "DataParallelWithCallback deepcopy")
+
+
+@pytest.mark.parametrize("how", sorted(COPIERS))
+def test_patched_data_parallel_survives_copies(how):
+    net = pysbn.convert_model(make_net())
+    ref = copy.deepcopy(net)
+    dp = nn.DataParallel(net)
+    pysbn.patch_replication_callback(dp)
+    twin = COPIERS[how](dp)
+    assert type(twin) is nn.DataParallel
+    # the copy's patch drives the copy, not the original
+    assert twin.replicate.data_parallel is twin
+    assert twin.parallel_apply.data_parallel is twin
+    x = fresh_input()
+    close(twin(x), ref(x), 1e-12, f"patched DataParallel after {how}")

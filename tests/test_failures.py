@@ -606,3 +606,41 @@ def test_failed_step_in_eval_and_bad_input_keeps_state():
     with pytest.raises(pysbn.ChannelMismatchError):
         sbn(torch.randn(3, 5, 2, 2))
     _assert_same_state(sbn, before)
+
+
+def test_failure_in_backward_before_the_sync_releases_at_once(monkeypatch):
+    """A replica whose backward fails before its sync (here: in backward_reduce) releases the
+    replicas waiting in that layer's backward at once."""
+    from pysbn import _core
+
+    pysbn.set_sync_timeout(LONG_TIMEOUT)
+    reps, _ = replicas_of(pysbn.SynchronizedBatchNorm2d(4), 3)
+    xs = [torch.randn(2, 4, 3, 3, requires_grad=True) for _ in reps]
+    ys = in_threads([lambda i=i: reps[i](xs[i]) for i in range(3)])
+    assert all(o.error is None for o in ys)
+    real = _core.cpu_backward_reduce
+    failing = threading.get_ident
+
+    def flaky(*args):
+        if threading.get_ident() == owner["t"]:
+            raise MemoryError("simulated out of memory in backward_reduce")
+        return real(*args)
+
+    owner = {}
+    monkeypatch.setattr(_core, "cpu_backward_reduce", flaky)
+
+    def bwd(i):
+        if i == 1:
+            owner["t"] = failing()
+            time.sleep(0.2)  # replicas 0 and 2 are waiting in the backward sync by now
+            start["t"] = time.monotonic()
+        ys[i].value.backward(torch.randn_like(ys[i].value))
+
+    start = {}
+    outs = in_threads([lambda i=i: bwd(i) for i in range(3)])
+    assert isinstance(outs[1].error, MemoryError)
+    for i in (0, 2):
+        err = outs[i].error
+        assert isinstance(err, pysbn.SyncAbortedError), repr(err)
+        assert "replica 1 failed" in str(err) and "MemoryError" in str(err)
+        assert outs[i].end - start["t"] < AT_ONCE_S

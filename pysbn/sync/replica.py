@@ -143,7 +143,10 @@ class ReplicaGroup:
                     self._cv.notify_all()
                     raise self._error
                 self._cv.wait(left)
-            if self._error is not None:
+            # A round that completed stands even if the group failed meanwhile (e.g. another
+            # replica aborted just after this round's last payload or result came in).
+            complete = rnd.arrived == size if rank == 0 else rnd.result is not None
+            if not complete:
                 self._raise_error()
             if rank == 0:
                 try:
