@@ -14,7 +14,6 @@ to their dtype first), so the tolerances measure pysbn's arithmetic only.
 import copy
 import threading
 
-import pytest
 import torch
 import torch.nn.functional as tF
 from hypothesis import HealthCheck, given, settings
