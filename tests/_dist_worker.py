@@ -3,6 +3,13 @@
 
     python _dist_worker.py RANK WORLD STORE_FILE OUT_DIR PG_TIMEOUT_S CASE [CASE ...]
 
+Environment (both optional; the CPU tests set neither): ``PYSBN_TEST_DEVICE`` ``cpu`` (default)
+or ``cuda`` (rank r runs its layers on ``cuda:{r % device_count}``, so several ranks may share
+one GPU; the float64 references stay on the CPU), and ``PYSBN_TEST_BACKEND`` (default ``gloo``;
+``nccl`` for CUDA). Only the cases that honour ``DEVICE`` (``check_layer``, ``check_too_few``,
+``check_ddp`` and the cases built on them, listed in tests/test_gpu_layers.py) make sense on
+CUDA.
+
 Joins the group through a FileStore (no ports to pick), runs the named cases in order and
 writes ``OUT_DIR/rank{RANK}.json`` = ``{case: "ok" | failure text}`` after every case (so a
 later hang still leaves the earlier results). Every rank builds the *global* batch from the same
@@ -85,8 +92,8 @@ class Checks:
             return
         if actual.numel() == 0:
             return
-        a = actual.detach().double()
-        e = expected.detach().double()
+        a = actual.detach().double().cpu()
+        e = expected.detach().double().cpu()
         scale = float(e.abs().max())
         if atol is None:
             atol = rtol * max(scale, 1e-30)
@@ -104,6 +111,7 @@ class Checks:
 # ---- helpers ------------------------------------------------------------------------------------------
 
 RANK = WORLD = -1
+DEVICE = torch.device("cpu")  # set by main() from PYSBN_TEST_DEVICE
 
 BN = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
 SBN = {1: pysbn.SynchronizedBatchNorm1d, 2: pysbn.SynchronizedBatchNorm2d,
@@ -159,7 +167,7 @@ def check_layer(label: str, kind: int, rest: Sequence[int], channels: int, share
     gen = torch.Generator().manual_seed(seed)
     ref = BN[kind](channels, momentum=momentum, affine=affine, dtype=torch.float64)
     layer = SBN[kind](channels, momentum=momentum, affine=affine, process_group=group,
-                      dtype=dtype)
+                      dtype=dtype, device=DEVICE)
     if affine:
         with torch.no_grad():
             ref.weight.copy_(torch.rand(channels, generator=gen, dtype=torch.float64) + 0.5)
@@ -171,8 +179,8 @@ def check_layer(label: str, kind: int, rest: Sequence[int], channels: int, share
         shape = (n, channels, *rest)
         xg = (torch.randn(shape, generator=gen, dtype=torch.float64) * 2.0 + offset).to(dtype)
         dyg = torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype)
-        x = _fmt(xg[lo:hi].clone(), memory_format).requires_grad_()
-        dy = _fmt(dyg[lo:hi].clone(), memory_format)
+        x = _fmt(xg[lo:hi].to(DEVICE, copy=True), memory_format).requires_grad_()
+        dy = _fmt(dyg[lo:hi].to(DEVICE, copy=True), memory_format)
         layer.train()
         layer.zero_grad(set_to_none=True)
         g0, r0 = snapshot()
@@ -221,7 +229,7 @@ def check_layer(label: str, kind: int, rest: Sequence[int], channels: int, share
     xg = torch.randn((n, channels, *rest), generator=gen, dtype=torch.float64).to(dtype)
     g0, r0 = snapshot()
     with torch.no_grad():
-        y = layer(_fmt(xg[lo:hi].clone(), memory_format))
+        y = layer(_fmt(xg[lo:hi].to(DEVICE, copy=True), memory_format))
         yr = ref(xg.double())
     ck.true(snapshot() == (g0, r0), "eval mode communicated")
     ck.close("eval output", y, yr[lo:hi], tol)
@@ -288,9 +296,9 @@ def _expect(exc_type, needle: str, fn: Callable[[], object]) -> Optional[str]:
 def check_too_few(shares: Sequence[int], group=None, members=None) -> List[str]:
     members = list(range(WORLD)) if members is None else list(members)
     me = members.index(RANK)
-    layer = pysbn.SynchronizedBatchNorm1d(3, process_group=group)
+    layer = pysbn.SynchronizedBatchNorm1d(3, process_group=group, device=DEVICE)
     before = (layer.running_mean.clone(), layer.running_var.clone())
-    x = torch.randn(shares[me], 3)
+    x = torch.randn(shares[me], 3, device=DEVICE)
     err = _expect(ValueError, "more than 1 value per channel", lambda: layer(x))
     out = [f"shares {list(shares)}: {err}"] if err else []
     if not (torch.equal(before[0], layer.running_mean) and torch.equal(before[1], layer.running_var)
@@ -306,15 +314,15 @@ def case_too_few_w2() -> None:
     ck.failures += check_too_few([1, 0])
     ck.failures += check_too_few([0, 1])
     # every rank empty: a zero-size batch (as for a lone layer), not an error; no stats change
-    layer = pysbn.SynchronizedBatchNorm1d(3)
-    y = layer(torch.randn(0, 3))
+    layer = pysbn.SynchronizedBatchNorm1d(3, device=DEVICE)
+    y = layer(torch.randn(0, 3, device=DEVICE))
     ck.true(tuple(y.shape) == (0, 3), f"shares [0, 0]: output shape {tuple(y.shape)}")
     ck.true(bool((layer.running_mean == 0).all()) and bool((layer.running_var == 1).all()),
             "shares [0, 0]: the running stats changed")
     # BN2d with 1x1 planes: the count is N*H*W
-    layer = pysbn.SynchronizedBatchNorm2d(2)
+    layer = pysbn.SynchronizedBatchNorm2d(2, device=DEVICE)
     err = _expect(ValueError, "more than 1 value per channel",
-                  lambda: layer(torch.randn(1 - RANK, 2, 1, 1)))
+                  lambda: layer(torch.randn(1 - RANK, 2, 1, 1, device=DEVICE)))
     ck.true(err is None, f"bn2d (1,2,1,1)+(0,2,1,1): {err}")
     ck.done()
 
@@ -382,11 +390,11 @@ def check_ddp(shares: Sequence[int], steps: int = 3, memory_format: str = "conti
     n = offs[-1]
     torch.manual_seed(1234)
     ref = _resnet_like().double()
-    model = pysbn.convert_model(copy.deepcopy(ref))
+    model = pysbn.convert_model(copy.deepcopy(ref)).to(DEVICE)
     n_sync = sum(isinstance(m, (pysbn.SynchronizedBatchNorm1d, pysbn.SynchronizedBatchNorm2d))
                  for m in model.modules())
     ck.true(n_sync == 7, f"convert_model made {n_sync} synchronized layers (want 7)")
-    ddp = DDP(model)
+    ddp = DDP(model, device_ids=[DEVICE] if DEVICE.type == "cuda" else None)
     opt = torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
     opt_ref = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
     gen = torch.Generator().manual_seed(99)
@@ -395,8 +403,8 @@ def check_ddp(shares: Sequence[int], steps: int = 3, memory_format: str = "conti
         xg = torch.randn((n, 3, 8, 8), generator=gen, dtype=torch.float64) + 3.0
         tg = torch.randint(0, 4, (n,), generator=gen)
         opt.zero_grad(set_to_none=True)
-        x = _fmt(xg[lo:hi].clone(), memory_format)
-        loss = ce(ddp(x), tg[lo:hi], reduction="sum") * (WORLD / n)
+        x = _fmt(xg[lo:hi].to(DEVICE, copy=True), memory_format)
+        loss = ce(ddp(x), tg[lo:hi].to(DEVICE), reduction="sum") * (WORLD / n)
         loss.backward()
         opt.step()
         opt_ref.zero_grad(set_to_none=True)
@@ -410,14 +418,14 @@ def check_ddp(shares: Sequence[int], steps: int = 3, memory_format: str = "conti
         if b.dtype.is_floating_point:
             ck.close(f"buffer {name}", got_b[name], b, 1e-8)
         else:
-            ck.true(torch.equal(got_b[name], b), f"buffer {name}: {got_b[name]} != {b}")
+            ck.true(torch.equal(got_b[name].cpu(), b), f"buffer {name}: {got_b[name]} != {b}")
     # eval mode on both: same predictions, no communication
     model.eval()
     ref.eval()
     xe = torch.randn((4, 3, 8, 8), generator=gen, dtype=torch.float64)
     before = snapshot()
     with torch.no_grad():
-        ck.close("eval output", model(xe), ref(xe), 1e-8)
+        ck.close("eval output", model(xe.to(DEVICE)), ref(xe), 1e-8)
     ck.true(snapshot() == before, "eval mode communicated")
     ck.done()
 
@@ -495,16 +503,35 @@ def case_ddp_w4() -> None:
     check_ddp([2, 3, 1, 2], steps=3)
 
 
+def case_layers_cuda_w2() -> None:
+    """The layers of case_layers_w2 that matter on a GPU (run with PYSBN_TEST_DEVICE=cuda):
+    both memory formats, float32/float64, an empty rank."""
+    check_layer("bn1d (N,C) f64", 1, (), 5, [3, 4])
+    check_layer("bn1d (N,C,L) f32", 1, (6,), 4, [3, 2], dtype=torch.float32, seed=2)
+    check_layer("bn2d NCHW f32", 2, (6, 6), 8, [2, 5], dtype=torch.float32, seed=5)
+    check_layer("bn2d channels_last f32", 2, (6, 6), 8, [4, 1], dtype=torch.float32,
+                memory_format="channels_last", seed=6)
+    check_layer("bn2d NCHW f64, empty rank 1", 2, (4, 3), 3, [4, 0], seed=12)
+    check_layer("bn3d channels_last_3d f64", 3, (3, 4, 2), 4, [1, 2],
+                memory_format="channels_last", seed=8)
+    check_layer("bn2d momentum=None affine=False", 2, (3, 3), 5, [2, 3], momentum=None,
+                affine=False, steps=3, seed=10)
+
+
 CASES = {name[5:]: fn for name, fn in globals().items() if name.startswith("case_")}
 
 
 def main(argv: Sequence[str]) -> int:
-    global RANK, WORLD
+    global RANK, WORLD, DEVICE
     rank, world, store, out_dir, timeout = argv[:5]
     cases = list(argv[5:])
     RANK, WORLD = int(rank), int(world)
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=RANK, world_size=WORLD,
+    if os.environ.get("PYSBN_TEST_DEVICE", "cpu") == "cuda":
+        DEVICE = torch.device("cuda", RANK % torch.cuda.device_count())
+        torch.cuda.set_device(DEVICE)
+    backend = os.environ.get("PYSBN_TEST_BACKEND", "gloo")
+    dist.init_process_group(backend, init_method=f"file://{store}", rank=RANK, world_size=WORLD,
                             timeout=datetime.timedelta(seconds=float(timeout)))
     results: Dict[str, str] = {}
     path = os.path.join(out_dir, f"rank{RANK}.json")
