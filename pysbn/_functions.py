@@ -20,7 +20,7 @@ the global count (one float64): nothing else.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence, Tuple
 
 import torch
 
@@ -35,11 +35,23 @@ _DT = F._DTYPES
 _EPS_MODES = F._EPS_MODES
 
 
-def too_few_values(shape, agreed: bool = False) -> ValueError:
-    """The error of nn.BatchNorm for one value per channel in training. ``agreed``: decided on
-    the global count after the sync, so every member raises it by itself (the layer then does
-    not abort the group: that would turn the other members' ValueError into a
-    SyncAbortedError)."""
+def too_few_values(shape: Sequence[int], agreed: bool = False) -> ValueError:
+    """The error ``nn.BatchNorm`` raises for one value per channel in training.
+
+    Parameters
+    ----------
+    shape : sequence of int
+        The input's shape, quoted in the message.
+    agreed : bool
+        True when the error was decided on the global count after the synchronisation, so
+        every member of the group raises it by itself; the layer then does not abort the group
+        (that would turn the other members' ValueError into a ``SyncAbortedError``).
+
+    Returns
+    -------
+    ValueError
+        The error (not raised), with the attribute ``_sbn_agreed`` set to ``agreed``.
+    """
     exc = ValueError(f"Expected more than 1 value per channel when training, got input size "
                      f"{torch.Size(shape)}")
     exc._sbn_agreed = agreed
@@ -140,6 +152,40 @@ class SyncBatchNormFunction(torch.autograd.Function):
                 bias: Optional[torch.Tensor], running_mean: Optional[torch.Tensor],
                 running_var: Optional[torch.Tensor], eps: float, eps_mode: str, factor: float,
                 sync: Optional[Synchronizer]) -> torch.Tensor:
+        """Normalises ``x`` with the statistics of the synchronised batch.
+
+        Parameters
+        ----------
+        ctx
+            The autograd context (saves x, weight, mean, invstd and the global count).
+        x : torch.Tensor
+            Input ``(N, C, *spatial)``, already checked by the module.
+        weight, bias : torch.Tensor or None
+            Affine parameters, shape ``(C,)``; their dtype is the param dtype (the input
+            dtype, or float32 for float16/bfloat16 input).
+        running_mean, running_var : torch.Tensor or None
+            Updated in place (``finalize``) with ``factor`` and the unbiased variance, after
+            the synchronisation, and only when ``sync`` is None or
+            ``sync.updates_running_stats``.
+        eps : float
+            Added to the variance (``"plus"``) or its floor (``"clamp"``).
+        eps_mode : {"plus", "clamp"}
+            See :func:`pysbn.set_sbn_eps_mode`.
+        factor : float
+            Running-stat update factor (momentum, or the cumulative-average factor).
+        sync : Synchronizer or None
+            Turns the local moments record into the global one; None: local statistics.
+
+        Returns
+        -------
+        torch.Tensor
+            ``y``, same shape, dtype and memory layout as ``x``.
+
+        Raises
+        ------
+        ValueError
+            One value per channel over the whole synchronised batch (as ``nn.BatchNorm``).
+        """
         dev = x.device
         xv, g = F._view(x)
         n, c, l, _ = g
@@ -184,7 +230,28 @@ class SyncBatchNormFunction(torch.autograd.Function):
         return y
 
     @staticmethod
-    def backward(ctx, dy: torch.Tensor):
+    def backward(ctx, dy: torch.Tensor) -> Tuple[Optional[torch.Tensor], ...]:
+        """Gradients of the batch norm with statistics of the synchronised batch.
+
+        Local ``backward_reduce`` (sum_dy, sum_dy_xmu, grad_weight, grad_bias), one
+        synchronisation of the sums, then ``backward_elemt`` for dx. If anything fails, the
+        synchronizer is aborted (the other replicas waiting at this layer are released) and the
+        error is re-raised.
+
+        Parameters
+        ----------
+        ctx
+            The autograd context of :meth:`forward`.
+        dy : torch.Tensor
+            Gradient of the output (any strides; copied to the input's layout if needed).
+
+        Returns
+        -------
+        tuple
+            ``(dx, grad_weight, grad_bias)`` (each None where not needed; grad_weight and
+            grad_bias are this member's local sums) followed by None for the six other
+            arguments of :meth:`forward`.
+        """
         x, weight, mean, invstd, count = ctx.saved_tensors
         try:
             dx, gw, gb = _backward(ctx, dy, x, weight, mean, invstd, count, ctx.sync, False)
@@ -206,6 +273,24 @@ class FixedStatsBatchNormFunction(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, weight: Optional[torch.Tensor],
                 bias: Optional[torch.Tensor], mean: torch.Tensor,
                 invstd: torch.Tensor) -> torch.Tensor:
+        """``y = (x - mean) * invstd * weight + bias`` with given statistics.
+
+        Parameters
+        ----------
+        ctx
+            The autograd context (saves x, weight, mean, invstd).
+        x : torch.Tensor
+            Input ``(N, C, *spatial)``, already checked by the module.
+        weight, bias : torch.Tensor or None
+            Affine parameters, shape ``(C,)``.
+        mean, invstd : torch.Tensor
+            float64, shape ``(C,)``.
+
+        Returns
+        -------
+        torch.Tensor
+            ``y``, same shape, dtype and memory layout as ``x``.
+        """
         dev = x.device
         xv, g = F._view(x)
         pdt = weight.dtype if weight is not None else (
@@ -219,7 +304,15 @@ class FixedStatsBatchNormFunction(torch.autograd.Function):
         return y
 
     @staticmethod
-    def backward(ctx, dy: torch.Tensor):
+    def backward(ctx, dy: torch.Tensor) -> Tuple[Optional[torch.Tensor], ...]:
+        """Gradients with the statistics held fixed: ``dx = dy * invstd * weight`` (weight 1
+        when None), grad_weight and grad_bias from ``backward_reduce``; no synchronisation.
+
+        Returns
+        -------
+        tuple
+            ``(dx, grad_weight, grad_bias, None, None)`` (each None where not needed).
+        """
         x, weight, mean, invstd = ctx.saved_tensors
         one = torch.ones(1, dtype=_STATS, device=x.device)
         dx, gw, gb = _backward(ctx, dy, x, weight, mean, invstd, one, None, True)
