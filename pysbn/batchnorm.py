@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Union
 
 import torch
 from torch import nn
@@ -67,8 +67,9 @@ class _SynchronizedBatchNorm(_BatchNorm):
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1,
                  affine: bool = True, track_running_stats: bool = True,
-                 process_group: Optional[object] = None, device=None, dtype=None, *,
-                 bias: bool = True) -> None:
+                 process_group: Optional[object] = None,
+                 device: Optional[Union[torch.device, str, int]] = None,
+                 dtype: Optional[torch.dtype] = None, *, bias: bool = True) -> None:
         if isinstance(num_features, bool) or not isinstance(num_features, int) \
                 or num_features <= 0:
             raise ValueError(f"{type(self).__name__}: num_features must be a positive int, got "
@@ -180,6 +181,50 @@ class _SynchronizedBatchNorm(_BatchNorm):
     # ---- forward --------------------------------------------------------------------------------
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        """Batch-normalises ``input``.
+
+        In training mode the statistics are those of the whole synchronised batch (the
+        DataParallel replicas of this layer, or the ranks of its process group; see the class
+        notes), and the running statistics and ``num_batches_tracked`` are updated when
+        ``track_running_stats``; in eval mode the running statistics are used (batch statistics
+        when there are none) and nothing is communicated.
+
+        Parameters
+        ----------
+        input : torch.Tensor
+            ``(N, C)`` or ``(N, C, L)`` for the 1d layer, ``(N, C, H, W)`` for 2d,
+            ``(N, C, D, H, W)`` for 3d; float32, float64, float16 or bfloat16, on the device
+            of the layer.
+
+        Returns
+        -------
+        torch.Tensor
+            Same shape, dtype, device and memory format (contiguous or channels_last) as
+            ``input``.
+
+        Raises
+        ------
+        ValueError
+            Wrong number of dims, a non-strided input, parameters or buffers on another device
+            or of the wrong shape, only one value per channel in the whole training batch, or
+            this rank outside the layer's process group.
+        ChannelMismatchError
+            The input's channel count differs from ``num_features``.
+        TypeError
+            Not a tensor, an unsupported input dtype, or parameters of a dtype that does not
+            go with it.
+        SyncAbortedError
+            A DataParallel replica of this layer failed or timed out (see
+            :func:`pysbn.set_sync_timeout`).
+        RuntimeError
+            A CUDA input with a build without CUDA, or (CPU tensors) ranks of the process
+            group at different calls of the layer.
+
+        Notes
+        -----
+        A failed step leaves the running statistics and ``num_batches_tracked`` as they were.
+        A wired DataParallel replica that raises here releases the other replicas of the layer.
+        """
         sync = self._sbn_replica if self.training else None
         try:
             return self._forward(input)
