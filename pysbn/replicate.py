@@ -193,12 +193,47 @@ class DataParallelWithCallback(nn.DataParallel):
     """
 
     def replicate(self, module: nn.Module, device_ids: Sequence[int]) -> List[nn.Module]:
+        """Replicates ``module`` as ``nn.DataParallel`` does, then runs the replication
+        callbacks (:func:`execute_replication_callbacks`) on the replicas.
+
+        Parameters
+        ----------
+        module : nn.Module
+            The wrapped module.
+        device_ids : sequence of int
+            One replica per device, replica 0 on ``device_ids[0]``.
+
+        Returns
+        -------
+        list of nn.Module
+            The replicas, their synchronized layers wired; the groups created are kept (per
+            thread) for the next :meth:`parallel_apply`.
+        """
         modules = super().replicate(module, device_ids)
         self._sbn_local.groups = execute_replication_callbacks(modules)
         return modules
 
     def parallel_apply(self, replicas: Sequence[nn.Module], inputs: Sequence[Any],
                        kwargs: Any) -> List[Any]:
+        """Runs the replicas with pysbn's failure-aware :func:`parallel_apply`.
+
+        Parameters
+        ----------
+        replicas : sequence of nn.Module
+            From :meth:`replicate`.
+        inputs : sequence
+            The scattered positional arguments, one entry per replica.
+        kwargs : sequence of dict or None
+            The scattered keyword arguments, one dict per replica.
+
+        Returns
+        -------
+        list
+            The replicas' outputs, in replica order. The groups of the last
+            :meth:`replicate` are aborted when a replica fails and told when a replica returns
+            (a round still waiting for it then fails); a replica's exception is re-raised (the
+            original one, not the ``SyncAbortedError`` it caused in the others).
+        """
         groups = getattr(self._sbn_local, "groups", ())
         self._sbn_local.groups = ()
         return parallel_apply(replicas, inputs, kwargs, self.device_ids[:len(replicas)],
