@@ -97,9 +97,35 @@ class Synchronizer:
     updates_running_stats: bool = True
 
     def forward(self, record: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface
+        """Exchanges the forward statistics.
+
+        Parameters
+        ----------
+        record : torch.Tensor
+            This member's moments record ``[count, mean[C], m2[C]]``, float64, ``(2C+1,)``.
+
+        Returns
+        -------
+        torch.Tensor
+            The global record (the exact Chan merge of every member's record), on
+            ``record``'s device.
+        """
         raise NotImplementedError
 
     def backward(self, sums: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface
+        """Exchanges the backward sums.
+
+        Parameters
+        ----------
+        sums : torch.Tensor
+            This member's grad-sums record ``[sum_dy[C], sum_dy_xmu[C]]``, float64, ``(2C,)``.
+
+        Returns
+        -------
+        torch.Tensor
+            The sums over every member, on ``sums``'s device (may be ``sums`` itself, updated
+            in place).
+        """
         raise NotImplementedError
 
     def abort(self, exc: BaseException) -> None:

@@ -3,7 +3,10 @@
 
 from __future__ import annotations
 
-from typing import List
+from typing import TYPE_CHECKING, List
+
+if TYPE_CHECKING:  # pragma: no cover
+    from torch.distributed import ProcessGroup
 
 import torch
 
@@ -49,13 +52,46 @@ class ProcessGroupSync(Synchronizer):
 
     updates_running_stats = True
 
-    def __init__(self, group, world_size: int, name: str, counter: List[int]) -> None:
+    def __init__(self, group: "ProcessGroup", world_size: int, name: str,
+                 counter: List[int]) -> None:
+        """
+        Parameters
+        ----------
+        group : torch.distributed.ProcessGroup
+            The group to synchronise over (the layer's ``process_group`` or the default group).
+        world_size : int
+            Its size (> 1).
+        name : str
+            The layer's name, for error messages.
+        counter : list of int
+            The layer's call counter (one element), shared by the synchronizers of its calls
+            and incremented by each :meth:`forward`.
+        """
         self.group = group
         self.world_size = world_size
         self.name = name
         self._counter = counter  # the layer's call counter, shared across its calls
 
     def forward(self, record: torch.Tensor) -> torch.Tensor:
+        """One all-gather of the header and ``record``, then the Chan merge of every rank's
+        record.
+
+        Parameters
+        ----------
+        record : torch.Tensor
+            This rank's moments record, float64, ``(2C+1,)``, on the input's device.
+
+        Returns
+        -------
+        torch.Tensor
+            The merged record, a new tensor on ``record``'s device (the same on every rank).
+
+        Raises
+        ------
+        RuntimeError
+            (CPU tensors only) the gathered headers differ: the ranks are not at the same call
+            of the layer (call number or channel count).
+        """
         width = record.numel()
         c = (width - 1) // 2
         seq = self._counter[0]
@@ -92,6 +128,18 @@ class ProcessGroupSync(Synchronizer):
         return out
 
     def backward(self, sums: torch.Tensor) -> torch.Tensor:
+        """One ``all_reduce`` (sum) of ``sums`` over the group.
+
+        Parameters
+        ----------
+        sums : torch.Tensor
+            This rank's grad-sums record, float64, ``(2C,)``; reduced in place.
+
+        Returns
+        -------
+        torch.Tensor
+            ``sums`` itself, now holding the sums over the group.
+        """
         import torch.distributed as dist
 
         dist.all_reduce(sums, group=self.group)

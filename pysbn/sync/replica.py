@@ -43,6 +43,13 @@ class ReplicaGroup:
     """
 
     def __init__(self, name: str) -> None:
+        """
+        Parameters
+        ----------
+        name : str
+            The layer's name, for error messages. The group starts empty; replicas join with
+            :meth:`register`.
+        """
         self.name = name
         self.size = 0
         self._cv = threading.Condition()
@@ -191,6 +198,15 @@ class ReplicaSync(Synchronizer):
     """One replica's end of a :class:`ReplicaGroup`: matches its calls by sequence number."""
 
     def __init__(self, group: ReplicaGroup, rank: int) -> None:
+        """
+        Parameters
+        ----------
+        group : ReplicaGroup
+            The layer's group.
+        rank : int
+            This replica's rank, from :meth:`ReplicaGroup.register`; rank 0 (the master) is
+            the one that updates the running statistics.
+        """
         self.group = group
         self.rank = rank
         self.updates_running_stats = rank == 0
@@ -199,6 +215,7 @@ class ReplicaSync(Synchronizer):
 
     @property
     def size(self) -> int:
+        """The number of replicas registered in the group."""
         return self.group.size
 
     def _next(self, direction: str) -> int:
@@ -208,14 +225,39 @@ class ReplicaSync(Synchronizer):
             return seq
 
     def forward(self, record: torch.Tensor) -> torch.Tensor:
+        """Deposits this replica's moments record for its next forward call and returns the
+        merged record (Chan merge on the master's device, copied to ``record``'s device).
+
+        Raises
+        ------
+        SyncAbortedError
+            Another replica failed, returned after fewer calls, or the wait exceeded the sync
+            timeout.
+        ValueError
+            (On the master; the others get ``SyncAbortedError``) the replicas disagree on the
+            number of channels.
+        """
         name = self.group.name
         return self.group.exchange(self.rank, "forward", self._next("forward"), record,
                                    lambda items: _merge_records(name, items))
 
     def backward(self, sums: torch.Tensor) -> torch.Tensor:
+        """Deposits this replica's grad sums for its next backward call and returns their sum
+        over the replicas (on the master's device, copied to ``sums``'s device).
+
+        Raises
+        ------
+        SyncAbortedError
+            Another replica failed or the wait exceeded the sync timeout.
+        ValueError
+            (On the master; the others get ``SyncAbortedError``) the replicas disagree on the
+            number of channels.
+        """
         name = self.group.name
         return self.group.exchange(self.rank, "backward", self._next("backward"), sums,
                                    lambda items: _sum_records(name, items))
 
     def abort(self, exc: BaseException) -> None:
+        """This replica failed with ``exc``: the group's waiting and later exchanges raise
+        :class:`SyncAbortedError` (see :meth:`ReplicaGroup.abort`)."""
         self.group.abort(self.rank, exc)
