@@ -2,20 +2,21 @@
 // CPU kernels of the pysbn core (OpenMP). Contracts: src/include/pysbn/core.hpp.
 //
 // How the work is laid out
-// - Channel-major (N, C, L): a task is (channel c, a range of n); it walks the planes
-//   x[n, c, :] of that channel. With few channels the n range is split so that every thread
-//   has work; the partial results are merged per channel in task order (deterministic).
+// - Channel-major (N, C, L): each thread takes a contiguous range of the N*C planes x[n, c, :]
+//   and walks it in memory order, keeping lane accumulators per channel (a channel's planes
+//   in one thread's range are consecutive n). The per-thread results are merged per channel in
+//   thread order (deterministic for a given thread count).
 // - Channels-last (N*L rows of C values), and channel-major with L == 1: each thread takes a
 //   contiguous range of rows and vectorises across channels. With C < 64 a "super-row" of k
 //   consecutive rows (W = k*C lanes, lane j is channel j % C) keeps the vectors full.
 // - Statistics: each block of values that fits in L1 is reduced in the accumulation type from
 //   deviations d = x - m to a shift m near its mean, M2 = sum d^2 - (sum d)^2 / n, so there is
-//   no cancellation at large offsets. Channel-major tasks take one pass with m = the mean of
-//   their first block; channels-last blocks one pass with m = the running lane means; either
+//   no cancellation at large offsets. Channel-major ranges take one pass per channel with m =
+//   the mean of the channel's first block in the range; channels-last blocks one pass with m = the running lane means; either
 //   is verified and redone exactly (per-block shifts, corrected two-pass) when the data's mean
 //   turns out far from m. Blocks, tasks and threads are merged with Chan's formula in double.
 // - Second passes (normalize after moments, backward_elemt after backward_reduce) walk each
-//   thread's range in reverse: the data the first pass touched last is still in cache.
+//   thread's range forwards (see kReverseSecond), over the same range as the first pass.
 #include "common.hpp"
 
 #include <pysbn/core.hpp>
@@ -35,6 +36,10 @@
 #endif
 #include <cstdlib>
 
+#ifndef PYSBN_REVERSE_SECOND
+#define PYSBN_REVERSE_SECOND 0
+#endif
+
 namespace pysbn::cpu {
 namespace {
 
@@ -42,6 +47,11 @@ namespace {
 constexpr int64_t kBlock = 4096;          // values per statistics block (16 KiB of float: in L1)
 constexpr int64_t kMinPerThread = 16384;  // below this many values per thread, use fewer threads
 constexpr int64_t kWideLanes = 64;        // channels-last: widen rows to at least this many lanes
+// Second passes (normalize, backward_elemt) walk each thread's range forwards by default. Walking
+// it backwards meets the first pass's last data in cache first, but on a Zen 4 VM the prefetchers
+// do not follow descending streams: channels-last normalize of (64,256,14,14) took 3.0 ms
+// backwards, 0.9 ms forwards (one thread). -DPYSBN_REVERSE_SECOND=1 restores the backward walk.
+constexpr bool kReverseSecond = PYSBN_REVERSE_SECOND != 0;
 
 // ---- element types -----------------------------------------------------------------------------
 using f16 = _Float16;
@@ -227,38 +237,45 @@ inline void lane_sum2(int64_t len, A& out1, A& out2, F&& f)
 /// Two running sums over a stream of contiguous segments (the planes of one channel): kAccLanes
 /// lanes in the accumulation type that persist across segments (a short plane costs no fold),
 /// flushed into double every kBlock values so each lane adds few values in low precision.
-template <class A>
+template <class A, int64_t Lanes = kAccLanes>
 struct Stream2 {
   double s1 = 0, s2 = 0;
-  A a1[kAccLanes] = {}, a2[kAccLanes] = {};
+  A a1[Lanes] = {}, a2[Lanes] = {};
+  A t1 = 0, t2 = 0;  // the segments' tails
   int64_t pending = 0;
 
   /// Adds f(i) -> (u, v) for i < len (len <= kBlock).
   template <class F>
   void add(int64_t len, F&& f)
   {
-    A l1[kAccLanes], l2[kAccLanes];  // local copies: provably not aliased by the data
-    for (int64_t j = 0; j < kAccLanes; ++j) {
+    A l1[Lanes], l2[Lanes];  // local copies: provably not aliased by the data
+    for (int64_t j = 0; j < Lanes; ++j) {
       l1[j] = a1[j];
       l2[j] = a2[j];
     }
     int64_t i = 0;
-    for (; i + kAccLanes <= len; i += kAccLanes) {
+    for (; i + Lanes <= len; i += Lanes) {
 #pragma omp simd
-      for (int64_t j = 0; j < kAccLanes; ++j) {
+      for (int64_t j = 0; j < Lanes; ++j) {
         A u, v;
         f(i + j, u, v);
         l1[j] += u;
         l2[j] += v;
       }
     }
-    for (int64_t j = 0; i < len; ++i, ++j) {
+    // The tail (< Lanes values) goes to scalar sums, not into the lanes: scalar stores into an
+    // array that is then copied with vector loads stall store-to-load forwarding (measured:
+    // most of the time of small planes on a Zen 4).
+    A r1 = 0, r2 = 0;
+    for (; i < len; ++i) {
       A u, v;
       f(i, u, v);
-      l1[j] += u;
-      l2[j] += v;
+      r1 += u;
+      r2 += v;
     }
-    for (int64_t j = 0; j < kAccLanes; ++j) {
+    t1 += r1;
+    t2 += r2;
+    for (int64_t j = 0; j < Lanes; ++j) {
       a1[j] = l1[j];
       a2[j] = l2[j];
     }
@@ -268,10 +285,16 @@ struct Stream2 {
 
   void flush()
   {
-    s1 += static_cast<double>(fold(a1));
-    s2 += static_cast<double>(fold(a2));
-    std::fill(a1, a1 + kAccLanes, A(0));
-    std::fill(a2, a2 + kAccLanes, A(0));
+    double u1 = static_cast<double>(t1), u2 = static_cast<double>(t2);
+    for (int64_t j = 0; j < Lanes; ++j) {
+      u1 += static_cast<double>(a1[j]);
+      u2 += static_cast<double>(a2[j]);
+    }
+    s1 += u1;
+    s2 += u2;
+    std::fill(a1, a1 + Lanes, A(0));
+    std::fill(a2, a2 + Lanes, A(0));
+    t1 = t2 = A(0);
     pending = 0;
   }
 };
@@ -337,36 +360,43 @@ struct SplitMean {
 };
 
 // ---- channel-major plan ------------------------------------------------------------------------
-/// Tasks (c, s): channel c, the s-th of S ranges of n. Task t = c * S + s.
-struct CmPlan {
-  int64_t splits = 1;
-  int64_t tasks = 0;
-  int nt = 1;
-};
+/// Channel-major inputs are walked in memory order: thread t takes a contiguous range of the N*C
+/// planes (plane p = n*C + c, L values each) and keeps accumulators per channel. Walking one
+/// channel's planes at a time (stride C*L between planes) restarts the hardware prefetchers at
+/// every plane: 2.4-4x slower than the contiguous walk on a Zen 4 VM (per-channel sums of
+/// (32,64,56,56) and (64,256,14,14), one thread). The contiguous range also lets the second pass of
+/// each direction (normalize, backward_elemt) walk it backwards, reading the values the first pass
+/// left in cache first.
+constexpr int64_t kChanLanes = 32;  // per-channel lanes: 2 AVX-512 registers of float
 
-inline CmPlan cm_plan(const Geometry& g, int num_threads)
+inline int cm_threads(const Geometry& g, int num_threads)
 {
-  CmPlan p;
-  p.nt = threads_for(num_threads, g.n * g.c * g.l);
-  // Enough tasks that each thread gets work and channels split across threads are rare.
-  int64_t want = 4 * static_cast<int64_t>(p.nt);
-  p.splits = g.c >= want ? 1 : std::min<int64_t>(std::max<int64_t>(g.n, 1), (want + g.c - 1) / g.c);
-  p.tasks = g.c * p.splits;
-  return p;
+  const int64_t planes = g.n * g.c;
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads_for(num_threads, planes * g.l), planes)));
 }
 
-/// Calls f(c, n_begin, n_end) for this thread's tasks, ascending or descending.
+/// Calls f(n, c, offset of plane (n, c)) for this thread's planes, ascending or descending.
 template <class F>
-inline void cm_for_tasks(const Geometry& g, const CmPlan& p, int tid, int nt, bool reverse, F&& f)
+inline void cm_for_planes(const Geometry& g, int tid, int nt, bool reverse, F&& f)
 {
-  int64_t tb, te;
-  split(p.tasks, tid, nt, tb, te);
-  for (int64_t i = 0; i < te - tb; ++i) {
-    int64_t t = reverse ? te - 1 - i : tb + i;
-    int64_t c = t / p.splits, s = t % p.splits;
-    int64_t nb, ne;
-    split(g.n, static_cast<int>(s), static_cast<int>(p.splits), nb, ne);
-    f(t, c, nb, ne);
+  int64_t pb, pe;
+  split(g.n * g.c, tid, nt, pb, pe);
+  if (pe <= pb) { return; }
+  // (n, c) stepped along, not divided out per plane: a 64-bit division per plane costs as much
+  // as reducing a small plane.
+  const int64_t first = reverse ? pe - 1 : pb;
+  int64_t n = first / g.c, c = first % g.c;
+  for (int64_t i = 0; i < pe - pb; ++i) {
+    f(n, c, (n * g.c + c) * g.l);
+    if (reverse) {
+      if (--c < 0) {
+        c = g.c - 1;
+        --n;
+      }
+    } else if (++c == g.c) {
+      c = 0;
+      ++n;
+    }
   }
 }
 
@@ -513,39 +543,53 @@ template <class T>
 void moments_cm(const T* x, const Geometry& g, std::vector<Moments>& out, int num_threads)
 {
   using A = acc_t<T>;
-  const CmPlan p = cm_plan(g, num_threads);
-  std::vector<Moments> part(static_cast<size_t>(p.tasks));
-  parallel(p.nt, [&](int tid, int nt) {
-    cm_for_tasks(g, p, tid, nt, false, [&](int64_t t, int64_t c, int64_t nb, int64_t ne) {
-      if (ne <= nb) { return; }
-      // One pass over the whole task, shifted by K = the mean of its first block: the planes
-      // stream through persistent lanes (no per-plane fold or merge, which dominates small
-      // planes). Kept when the task's mean is within 2 std of K; otherwise redone exactly.
-      const T* first = x + (nb * g.c + c) * g.l;
-      const int64_t len0 = std::min(kBlock, g.l);
-      const A k = lane_sum<A>(len0, [&](int64_t i) { return static_cast<A>(ld(first[i])); }) / static_cast<A>(len0);
-      Stream2<A> st;
-      for (int64_t n = nb; n < ne; ++n) {
-        const T* plane = x + (n * g.c + c) * g.l;
-        for (int64_t i = 0; i < g.l; i += kBlock) {
-          const T* b = plane + i;
-          st.add(std::min(kBlock, g.l - i), [&](int64_t j, A& u, A& v) {
-            u = ld(b[j]) - k;
-            v = u * u;
-          });
-        }
+  using Lanes = Stream2<A, kChanLanes>;
+  const int64_t C = g.c, L = g.l;
+  const int nt0 = cm_threads(g, num_threads);
+  std::vector<Moments> part(static_cast<size_t>(nt0) * C);
+  parallel(nt0, [&](int tid, int nt) {
+    // Per channel, one pass over this thread's planes of it (consecutive n: the range is
+    // contiguous), shifted by K = the mean of the first block seen: the planes stream through
+    // persistent lanes (no per-plane fold or merge, which dominates small planes). Kept when
+    // the mean is within 2 std of K; otherwise that channel's range is redone exactly.
+    std::vector<Lanes> acc(C);
+    std::vector<A> k(C);
+    std::vector<int64_t> nb(C, -1), ne(C, -1);
+    cm_for_planes(g, tid, nt, false, [&](int64_t n, int64_t c, int64_t off) {
+      const T* plane = x + off;
+      if (nb[c] < 0) {
+        const int64_t len0 = std::min(kBlock, L);
+        k[c] = lane_sum<A>(len0, [&](int64_t i) { return static_cast<A>(ld(plane[i])); }) / static_cast<A>(len0);
+        nb[c] = n;
       }
-      st.flush();
-      const double cnt = static_cast<double>((ne - nb) * g.l), d = st.s1 / cnt;
-      const double m2 = st.s2 - st.s1 * d;
-      if (near_shift(st.s1, st.s2, cnt)) {
-        part[t] = Moments{cnt, static_cast<double>(k) + d, std::max(0.0, m2)};
-      } else {
-        part[t] = task_moments_blockwise(x, g, c, nb, ne);
+      ne[c] = n + 1;
+      const A kc = k[c];
+      Lanes& a = acc[c];
+      for (int64_t i = 0; i < L; i += kBlock) {
+        const T* b = plane + i;
+        a.add(std::min(kBlock, L - i), [&](int64_t j, A& u, A& v) {
+          u = ld(b[j]) - kc;
+          v = u * u;
+        });
       }
     });
+    Moments* mine = part.data() + static_cast<size_t>(tid) * C;
+    for (int64_t c = 0; c < C; ++c) {
+      if (nb[c] < 0) { continue; }
+      Lanes& a = acc[c];
+      a.flush();
+      const double cnt = static_cast<double>((ne[c] - nb[c]) * L), d = a.s1 / cnt;
+      const double m2 = a.s2 - a.s1 * d;
+      if (near_shift(a.s1, a.s2, cnt)) {
+        mine[c] = Moments{cnt, static_cast<double>(k[c]) + d, std::max(0.0, m2)};
+      } else {
+        mine[c] = task_moments_blockwise(x, g, c, nb[c], ne[c]);
+      }
+    }
   });
-  for (int64_t t = 0; t < p.tasks; ++t) { out[t / p.splits].merge(part[t]); }
+  for (int t = 0; t < nt0; ++t) {
+    for (int64_t c = 0; c < C; ++c) { out[c].merge(part[static_cast<size_t>(t) * C + c]); }
+  }
 }
 
 template <class T>
@@ -643,17 +687,13 @@ void normalize_impl(const T* x, const Geometry& g, const double* mean, const dou
     b[c] = static_cast<A>((bias ? ldp<P>(bias, c) : 0.0) - static_cast<double>(sm.lo[c]) * ac);
   }
   if (!use_rows(g)) {
-    const CmPlan p = cm_plan(g, num_threads);
-    parallel(p.nt, [&](int tid, int nt) {
-      cm_for_tasks(g, p, tid, nt, true, [&](int64_t, int64_t c, int64_t nb, int64_t ne) {
+    parallel(cm_threads(g, num_threads), [&](int tid, int nt) {
+      cm_for_planes(g, tid, nt, kReverseSecond, [&](int64_t, int64_t c, int64_t off) {
         const A mh = sm.hi[c], ac = a[c], bc = b[c];
-        for (int64_t i = 0; i < ne - nb; ++i) {
-          int64_t n = ne - 1 - i;
-          const T* xp = x + (n * C + c) * g.l;
-          T* yp = y + (n * C + c) * g.l;
+        const T* __restrict xp = x + off;
+        T* __restrict yp = y + off;
 #pragma omp simd
-          for (int64_t l = 0; l < g.l; ++l) { yp[l] = st<T>((ld(xp[l]) - mh) * ac + bc); }
-        }
+        for (int64_t l = 0; l < g.l; ++l) { yp[l] = st<T>((ld(xp[l]) - mh) * ac + bc); }
       });
     });
     return;
@@ -664,9 +704,9 @@ void normalize_impl(const T* x, const Geometry& g, const double* mean, const dou
     const A* __restrict ph = hw.data();
     const A* __restrict pa = aw.data();
     const A* __restrict pb = bw.data();
-    cl_for_blocks(p, C, tid, nt, true, [&](int64_t r0, int64_t nrows, int64_t w) {
+    cl_for_blocks(p, C, tid, nt, kReverseSecond, [&](int64_t r0, int64_t nrows, int64_t w) {
       for (int64_t i = 0; i < nrows; ++i) {
-        const int64_t off = r0 * C + (nrows - 1 - i) * w;
+        const int64_t off = r0 * C + (kReverseSecond ? nrows - 1 - i : i) * w;
         const T* __restrict xr = x + off;
         T* __restrict yr = y + off;
 #pragma omp simd
@@ -687,40 +727,44 @@ void grad_sums(const T* dy, const T* x, const Geometry& g, const SplitMean<acc_t
   using A = acc_t<T>;
   const int64_t C = g.c;
   if (!use_rows(g)) {
-    const CmPlan p = cm_plan(g, num_threads);
-    std::vector<double> part(2 * p.tasks, 0.0);
-    parallel(p.nt, [&](int tid, int nt) {
-      cm_for_tasks(g, p, tid, nt, false, [&](int64_t t, int64_t c, int64_t nb, int64_t ne) {
+    using Lanes = Stream2<A, kChanLanes>;
+    const int nt0 = cm_threads(g, num_threads);
+    std::vector<double> part(static_cast<size_t>(nt0) * 2 * C, 0.0);
+    parallel(nt0, [&](int tid, int nt) {
+      std::vector<Lanes> acc(C);
+      cm_for_planes(g, tid, nt, false, [&](int64_t, int64_t c, int64_t off) {
         const A mh = sm.hi[c], ml = sm.lo[c];
-        Stream2<A> st;
-        for (int64_t n = nb; n < ne; ++n) {
-          const int64_t off = (n * C + c) * g.l;
-          for (int64_t i = 0; i < g.l; i += kBlock) {
-            const int64_t len = std::min(kBlock, g.l - i);
-            const T* d = dy + off + i;
-            if (x) {
-              const T* xp = x + off + i;
-              st.add(len, [&](int64_t l, A& u, A& v) {
-                u = ld(d[l]);
-                v = u * ((ld(xp[l]) - mh) - ml);
-              });
-            } else {
-              st.add(len, [&](int64_t l, A& u, A& v) {
-                u = ld(d[l]);
-                v = 0;
-              });
-            }
+        Lanes& a = acc[c];
+        for (int64_t i = 0; i < g.l; i += kBlock) {
+          const int64_t len = std::min(kBlock, g.l - i);
+          const T* d = dy + off + i;
+          if (x) {
+            const T* xp = x + off + i;
+            a.add(len, [&](int64_t l, A& u, A& v) {
+              u = ld(d[l]);
+              v = u * ((ld(xp[l]) - mh) - ml);
+            });
+          } else {
+            a.add(len, [&](int64_t l, A& u, A& v) {
+              u = ld(d[l]);
+              v = 0;
+            });
           }
         }
-        st.flush();
-        const double s1 = st.s1, s2 = st.s2;
-        part[2 * t] = s1;
-        part[2 * t + 1] = s2;
       });
+      double* mine = part.data() + static_cast<size_t>(tid) * 2 * C;
+      for (int64_t c = 0; c < C; ++c) {
+        acc[c].flush();
+        mine[c] = acc[c].s1;
+        mine[C + c] = acc[c].s2;
+      }
     });
-    for (int64_t t = 0; t < p.tasks; ++t) {
-      sum_dy[t / p.splits] += part[2 * t];
-      sum_dy_xmu[t / p.splits] += part[2 * t + 1];
+    for (int t = 0; t < nt0; ++t) {
+      const double* q = part.data() + static_cast<size_t>(t) * 2 * C;
+      for (int64_t c = 0; c < C; ++c) {
+        sum_dy[c] += q[c];
+        sum_dy_xmu[c] += q[C + c];
+      }
     }
     return;
   }
@@ -784,18 +828,14 @@ void elemt_impl(const T* dy, const T* x, const Geometry& g, const double* mean, 
     k3[c] = static_cast<A>(is * w * mdy - static_cast<double>(sm.lo[c]) * c2);
   }
   if (!use_rows(g)) {
-    const CmPlan p = cm_plan(g, num_threads);
-    parallel(p.nt, [&](int tid, int nt) {
-      cm_for_tasks(g, p, tid, nt, true, [&](int64_t, int64_t c, int64_t nb, int64_t ne) {
+    parallel(cm_threads(g, num_threads), [&](int tid, int nt) {
+      cm_for_planes(g, tid, nt, kReverseSecond, [&](int64_t, int64_t c, int64_t off) {
         const A mh = sm.hi[c], a1 = k1[c], a2 = k2[c], a3 = k3[c];
-        for (int64_t i = 0; i < ne - nb; ++i) {
-          const int64_t off = ((ne - 1 - i) * C + c) * g.l;
-          const T* d = dy + off;
-          const T* xp = x + off;
-          T* o = dx + off;
+        const T* __restrict d = dy + off;
+        const T* __restrict xp = x + off;
+        T* __restrict o = dx + off;
 #pragma omp simd
-          for (int64_t l = 0; l < g.l; ++l) { o[l] = st<T>(ld(d[l]) * a1 - (ld(xp[l]) - mh) * a2 - a3); }
-        }
+        for (int64_t l = 0; l < g.l; ++l) { o[l] = st<T>(ld(d[l]) * a1 - (ld(xp[l]) - mh) * a2 - a3); }
       });
     });
     return;
@@ -808,12 +848,12 @@ void elemt_impl(const T* dy, const T* x, const Geometry& g, const double* mean, 
     const A* __restrict q1 = w1.data();
     const A* __restrict q2 = w2.data();
     const A* __restrict q3 = w3.data();
-    cl_for_blocks(p, C, tid, nt, true, [&](int64_t r0, int64_t nrows, int64_t w) {
+    cl_for_blocks(p, C, tid, nt, kReverseSecond, [&](int64_t r0, int64_t nrows, int64_t w) {
       // Two rows per pass: the four coefficient loads serve both (loads, not arithmetic, bound
       // this loop when the data comes from cache).
       int64_t i = 0;
       for (; i + 2 <= nrows; i += 2) {
-        const int64_t off = r0 * C + (nrows - 2 - i) * w;
+        const int64_t off = r0 * C + (kReverseSecond ? nrows - 2 - i : i) * w;
         const T* __restrict d = dy + off;
         const T* __restrict xr = x + off;
         T* __restrict o = dx + off;
@@ -824,10 +864,11 @@ void elemt_impl(const T* dy, const T* x, const Geometry& g, const double* mean, 
           o[j] = st<T>(ld(d[j]) * a1 - (ld(xr[j]) - m) * a2 - a3);
         }
       }
-      if (i < nrows) {  // the first row of the block, last in reverse order
-        const T* __restrict d = dy + r0 * C;
-        const T* __restrict xr = x + r0 * C;
-        T* __restrict o = dx + r0 * C;
+      if (i < nrows) {  // the odd row: the block's first in reverse order, its last otherwise
+        const int64_t off = r0 * C + (kReverseSecond ? 0 : nrows - 1) * w;
+        const T* __restrict d = dy + off;
+        const T* __restrict xr = x + off;
+        T* __restrict o = dx + off;
 #pragma omp simd
         for (int64_t j = 0; j < w; ++j) { o[j] = st<T>(ld(d[j]) * q1[j] - (ld(xr[j]) - qh[j]) * q2[j] - q3[j]); }
       }
