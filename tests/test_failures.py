@@ -619,10 +619,9 @@ def test_failure_in_backward_before_the_sync_releases_at_once(monkeypatch):
     ys = in_threads([lambda i=i: reps[i](xs[i]) for i in range(3)])
     assert all(o.error is None for o in ys)
     real = _core.cpu_backward_reduce
-    failing = threading.get_ident
 
     def flaky(*args):
-        if threading.get_ident() == owner["t"]:
+        if threading.get_ident() == owner.get("t"):
             raise MemoryError("simulated out of memory in backward_reduce")
         return real(*args)
 
@@ -631,7 +630,7 @@ def test_failure_in_backward_before_the_sync_releases_at_once(monkeypatch):
 
     def bwd(i):
         if i == 1:
-            owner["t"] = failing()
+            owner["t"] = threading.get_ident()
             time.sleep(0.2)  # replicas 0 and 2 are waiting in the backward sync by now
             start["t"] = time.monotonic()
         ys[i].value.backward(torch.randn_like(ys[i].value))
