@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 import pysbn
+from _support import close
 
 SYNC = {nn.BatchNorm1d: pysbn.SynchronizedBatchNorm1d, nn.BatchNorm2d: pysbn.SynchronizedBatchNorm2d,
         nn.BatchNorm3d: pysbn.SynchronizedBatchNorm3d}
@@ -26,14 +27,6 @@ def restore_modes():
 
 
 # ---- helpers ------------------------------------------------------------------------------------
-
-def close(actual, expected, tol, what):
-    a, e = actual.detach().double(), expected.detach().double()
-    assert a.shape == e.shape, f"{what}: shape {a.shape} vs {e.shape}"
-    err = (a - e).abs().max().item() if e.numel() else 0.0
-    scale = max(1.0, e.abs().max().item() if e.numel() else 0.0)
-    assert err <= tol * scale, f"{what}: max error {err:.3g} > {tol:.1g} * {scale:.3g}"
-
 
 def randomize(model):
     with torch.no_grad():

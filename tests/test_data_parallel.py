@@ -12,18 +12,17 @@ Every thread is joined with a timeout, so a regression fails instead of hanging.
 """
 
 import copy
-import threading
 
 import pytest
 import torch
 from torch import nn
 
 import pysbn
+from _support import close, make_replicas, results, run_threads
 
 SYNC = {1: pysbn.SynchronizedBatchNorm1d, 2: pysbn.SynchronizedBatchNorm2d,
         3: pysbn.SynchronizedBatchNorm3d}
 PLAIN = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
-JOIN_TIMEOUT = 60.0
 
 
 @pytest.fixture(autouse=True)
@@ -34,41 +33,6 @@ def sync_timeout():
 
 
 # ---- helpers ------------------------------------------------------------------------------------
-
-def run_threads(fns, timeout=JOIN_TIMEOUT):
-    """Runs fns[i]() in thread i; returns [(result, exception)] per thread. A thread still alive
-    after `timeout` seconds fails the test."""
-    out = [(None, None)] * len(fns)
-
-    def worker(i, fn):
-        try:
-            out[i] = (fn(), None)
-        except BaseException as exc:  # noqa: BLE001 - reported to the test
-            out[i] = (None, exc)
-
-    threads = [threading.Thread(target=worker, args=(i, fn), daemon=True)
-               for i, fn in enumerate(fns)]
-    for t in threads:
-        t.start()
-    for i, t in enumerate(threads):
-        t.join(timeout)
-        assert not t.is_alive(), f"thread {i} still running after {timeout} s (hang)"
-    return out
-
-
-def results(outs):
-    """The results of run_threads, raising the first exception."""
-    for res, exc in outs:
-        if exc is not None:
-            raise exc
-    return [res for res, _ in outs]
-
-
-def make_replicas(module, k):
-    replicas = [module] + [copy.deepcopy(module) for _ in range(k - 1)]
-    pysbn.execute_replication_callbacks(replicas)
-    return replicas
-
 
 def dp_step(replicas, xs, dys):
     """Forward of replica i in thread i, then output_i.backward(dys[i]) in thread i, all
@@ -86,14 +50,6 @@ def to_format(x, fmt):
     if x.dim() == 5:
         return x.contiguous(memory_format=torch.channels_last_3d)
     return x.movedim(1, -1).contiguous().movedim(-1, 1)
-
-
-def close(actual, expected, tol, what):
-    a, e = actual.detach().double(), expected.detach().double()
-    assert a.shape == e.shape, f"{what}: shape {a.shape} vs {e.shape}"
-    err = (a - e).abs().max().item() if e.numel() else 0.0
-    scale = max(1.0, e.abs().max().item() if e.numel() else 0.0)
-    assert err <= tol * scale, f"{what}: max error {err:.3g} > {tol:.1g} * {scale:.3g}"
 
 
 def randomize(bn):

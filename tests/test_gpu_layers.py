@@ -34,7 +34,6 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -43,6 +42,7 @@ import torch
 from torch import nn
 
 import pysbn
+from _support import close, make_replicas, results, run_threads
 from pysbn import _core
 
 
@@ -83,22 +83,6 @@ def _cuda_state():
 
 
 # ---- helpers ------------------------------------------------------------------------------------
-
-def close(actual, expected, tol, what):
-    """max |actual - expected| <= tol * max(1, max |expected|), compared in float64 on the CPU;
-    actual must be finite."""
-    assert actual is not None and expected is not None, what
-    assert tuple(actual.shape) == tuple(expected.shape), \
-        f"{what}: shape {tuple(actual.shape)} vs {tuple(expected.shape)}"
-    a = actual.detach().double().cpu()
-    e = expected.detach().double().cpu()
-    assert bool(torch.isfinite(a).all()), f"{what}: non-finite values"
-    if e.numel() == 0:
-        return
-    err = (a - e).abs().max().item()
-    scale = max(1.0, e.abs().max().item())
-    assert err <= tol * scale, f"{what}: max error {err:.3g} > {tol:.1g} * {scale:.3g}"
-
 
 def to_format(x, fmt):
     if fmt == "contiguous" or x.dim() < 4:
@@ -375,42 +359,6 @@ def test_autocast_training(dtype, fmt):
 
 
 # ---- DataParallel --------------------------------------------------------------------------------
-
-JOIN_TIMEOUT = 60.0
-
-
-def run_threads(fns, timeout=JOIN_TIMEOUT):
-    """fns[i]() in thread i; [(result, exception)] per thread; a thread still alive after
-    `timeout` seconds fails the test (a hang)."""
-    out = [(None, None)] * len(fns)
-
-    def worker(i, fn):
-        try:
-            out[i] = (fn(), None)
-        except BaseException as exc:  # noqa: BLE001 - reported to the test
-            out[i] = (None, exc)
-
-    threads = [threading.Thread(target=worker, args=(i, fn), daemon=True)
-               for i, fn in enumerate(fns)]
-    for t in threads:
-        t.start()
-    for i, t in enumerate(threads):
-        t.join(timeout)
-        assert not t.is_alive(), f"thread {i} still running after {timeout} s (hang)"
-    return out
-
-
-def results(outs):
-    for res, exc in outs:
-        if exc is not None:
-            raise exc
-    return [res for res, _ in outs]
-
-
-def make_replicas(module, k):
-    replicas = [module] + [copy.deepcopy(module) for _ in range(k - 1)]
-    pysbn.execute_replication_callbacks(replicas)
-    return replicas
 
 
 DP_CASES = [

@@ -15,6 +15,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 import pysbn
+from _support import close
 
 SYNC = {1: pysbn.SynchronizedBatchNorm1d, 2: pysbn.SynchronizedBatchNorm2d,
         3: pysbn.SynchronizedBatchNorm3d}
@@ -86,16 +87,6 @@ def make_pair(kind, c, dtype=torch.float64, **kw):
     sbn = SYNC[kind](c, dtype=dtype, **kw)
     sbn.load_state_dict(ref.state_dict())
     return sbn, ref
-
-
-def close(actual, expected, tol, what):
-    """max |actual - expected| <= tol * max(1, max |expected|)."""
-    assert actual is not None and expected is not None, what
-    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} vs {expected.shape}"
-    a, e = actual.detach().double(), expected.detach().double()
-    err = (a - e).abs().max().item() if e.numel() else 0.0
-    scale = max(1.0, e.abs().max().item() if e.numel() else 0.0)
-    assert err <= tol * scale, f"{what}: max error {err:.3g} > {tol:.1g} * {scale:.3g}"
 
 
 def same_format(a, b):
