@@ -500,7 +500,10 @@ def test_backward_of_empty_batch():
 
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("shape", [(8, 40, 33, 37), (3, 130, 170), (2, 7, 5, 9, 11), (4099, 3),
-                                   (1, 3, 257, 129)])
+                                   (1, 3, 257, 129),
+                                   # >= 2**20 values with C > 64: channels-last reductions keep
+                                   # their accumulators in memory (C <= 256: moments too)
+                                   (9, 160, 27, 29), (5, 300, 26, 30)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 def test_every_op_on_larger_shapes(dtype, shape, fmt, num_threads):
     # Sizes that span several cache blocks and threads in the kernels.
