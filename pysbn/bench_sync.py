@@ -31,7 +31,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import shutil
 import statistics
 import sys
@@ -189,24 +188,12 @@ def _child(rank: int, world: int, store: str, out: str, quick: bool, threads: in
 
 
 def _env(threads: int, world: int) -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    try:
-        from . import _core
-        version = _core.version()
-    except Exception:  # noqa: BLE001
-        version = "?"
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__,
-            "pysbn": version, "backend": "gloo", "processes": world,
-            "threads_per_process": threads, "python": platform.python_version(),
-            "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+    """bench's environment record (machine, caches, software, settings) plus the sync setup."""
+    from .bench import environment
+
+    env = environment([threads])
+    env.update({"backend": "gloo", "processes": world, "threads_per_process": threads})
+    return env
 
 
 def _table(rows: List[dict]) -> str:
