@@ -1,14 +1,26 @@
 # SPDX-License-Identifier: MIT
 """Helpers shared by the layer tests (importable because pyproject sets pytest's
-``pythonpath = ["tests"]``): a float64 comparison, and the DataParallel CPU protocol (replicas
-by deepcopy wired with the replication callbacks, one thread per replica, bounded joins)."""
+``pythonpath = ["tests"]``): a float64 comparison, random layer parameters, the DataParallel CPU
+protocol (replicas by deepcopy wired with the replication callbacks, one thread per replica,
+bounded joins), and the launcher of the process-group tests (one subprocess per rank running
+``_dist_worker.py``, bounded joins)."""
 
 import copy
+import json
+import os
+import subprocess
+import sys
 import threading
+import time
+from pathlib import Path
+
+import torch
 
 import pysbn
 
 JOIN_TIMEOUT = 60.0
+DIST_WORKER = Path(__file__).with_name("_dist_worker.py")
+PG_TIMEOUT_S = 60  # init_process_group(timeout=...): a collective missing a peer fails after this
 
 
 def close(actual, expected, tol, what):
@@ -61,3 +73,57 @@ def make_replicas(module, k):
     replicas = [module] + [copy.deepcopy(module) for _ in range(k - 1)]
     pysbn.execute_replication_callbacks(replicas)
     return replicas
+
+
+def randomize(bn):
+    """Random weight, bias and running statistics (in place) for a batch-norm layer."""
+    with torch.no_grad():
+        if bn.weight is not None:
+            bn.weight.uniform_(0.5, 1.5)
+        if bn.bias is not None:
+            bn.bias.uniform_(-0.5, 0.5)
+        if bn.running_mean is not None:
+            bn.running_mean.uniform_(-0.2, 0.2)
+            bn.running_var.uniform_(0.8, 1.2)
+
+
+def run_group(world, cases, folder, join_timeout, env=None, log_tail=3000):
+    """Runs ``_dist_worker.py`` as ``world`` ranks (one subprocess each, rendezvous through a
+    file in ``folder``) on the named ``cases``; waits at most ``join_timeout`` seconds for the
+    whole group, then kills what is left. Returns ``{"timed_out": bool, "ranks": {rank: {"rc",
+    "results", "log"}}}`` with each rank's JSON results and the tail of its log."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="default", **(env or {}))
+    procs = []
+    for rank in range(world):
+        log = open(folder / f"rank{rank}.log", "w")
+        procs.append((subprocess.Popen(
+            [sys.executable, str(DIST_WORKER), str(rank), str(world), str(folder / "store"),
+             str(folder), str(PG_TIMEOUT_S), *cases],
+            cwd=folder, env=env, stdout=log, stderr=subprocess.STDOUT), log))
+    deadline = time.monotonic() + join_timeout
+    timed_out = False
+    for proc, _ in procs:
+        try:
+            proc.wait(timeout=max(deadline - time.monotonic(), 0.1))
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            break
+    for proc, log in procs:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        log.close()
+    out = {"timed_out": timed_out, "ranks": {}}
+    for rank, (proc, _) in enumerate(procs):
+        res_file = folder / f"rank{rank}.json"
+        try:
+            log_text = (folder / f"rank{rank}.log").read_text(errors="replace")[-log_tail:]
+        except OSError:
+            log_text = ""
+        out["ranks"][rank] = {
+            "rc": proc.returncode,
+            "results": json.loads(res_file.read_text()) if res_file.exists() else {},
+            "log": log_text}
+    return out

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 import pysbn
-from _support import close, make_replicas, results, run_threads
+from _support import close, make_replicas, randomize, results, run_threads
 
 SYNC = {1: pysbn.SynchronizedBatchNorm1d, 2: pysbn.SynchronizedBatchNorm2d,
         3: pysbn.SynchronizedBatchNorm3d}
@@ -50,17 +50,6 @@ def to_format(x, fmt):
     if x.dim() == 5:
         return x.contiguous(memory_format=torch.channels_last_3d)
     return x.movedim(1, -1).contiguous().movedim(-1, 1)
-
-
-def randomize(bn):
-    with torch.no_grad():
-        if bn.weight is not None:
-            bn.weight.uniform_(0.5, 1.5)
-        if bn.bias is not None:
-            bn.bias.uniform_(-0.5, 0.5)
-        if bn.running_mean is not None:
-            bn.running_mean.uniform_(-0.2, 0.2)
-            bn.running_var.uniform_(0.8, 1.2)
 
 
 def check_layer_step(replicas, ref, shares, rest, fmt, tol=1e-10, dtype=torch.float64):

@@ -18,17 +18,14 @@ DistributedDataParallel against the plain-BN net trained on the whole batch in o
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import pytest
 
-WORKER = Path(__file__).with_name("_dist_worker.py")
-PG_TIMEOUT_S = 60  # init_process_group(timeout=...): a collective missing a peer fails after this
+from _support import run_group
+
 JOIN_TIMEOUT_S = 150  # the whole group; then every rank is killed
 
 SUITES = {
@@ -36,47 +33,6 @@ SUITES = {
     3: ["empty_rank_w3", "too_few_w3", "subgroup_w3"],
     4: ["layers_w4", "subgroups_w4", "ddp_w4"],
 }
-
-
-def _tail(path: Path, n: int = 3000) -> str:
-    try:
-        return path.read_text(errors="replace")[-n:]
-    except OSError:
-        return ""
-
-
-def _run_group(world: int, cases, folder: Path) -> dict:
-    folder.mkdir(parents=True, exist_ok=True)
-    store = folder / "store"
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="default")
-    procs = []
-    for rank in range(world):
-        log = open(folder / f"rank{rank}.log", "w")
-        procs.append((subprocess.Popen(
-            [sys.executable, str(WORKER), str(rank), str(world), str(store), str(folder),
-             str(PG_TIMEOUT_S), *cases],
-            cwd=folder, env=env, stdout=log, stderr=subprocess.STDOUT), log))
-    deadline = time.monotonic() + JOIN_TIMEOUT_S
-    timed_out = False
-    for proc, _ in procs:
-        left = deadline - time.monotonic()
-        try:
-            proc.wait(timeout=max(left, 0.1))
-        except subprocess.TimeoutExpired:
-            timed_out = True
-            break
-    for proc, log in procs:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        log.close()
-    out = {"timed_out": timed_out, "ranks": {}}
-    for rank, (proc, _) in enumerate(procs):
-        res_file = folder / f"rank{rank}.json"
-        res = json.loads(res_file.read_text()) if res_file.exists() else {}
-        out["ranks"][rank] = {"rc": proc.returncode, "results": res,
-                              "log": _tail(folder / f"rank{rank}.log")}
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -87,8 +43,8 @@ def groups(tmp_path_factory):
 
     def get(world: int) -> dict:
         if world not in cache:
-            cache[world] = _run_group(world, SUITES[world],
-                                      tmp_path_factory.mktemp(f"gloo{world}"))
+            cache[world] = run_group(world, SUITES[world],
+                                     tmp_path_factory.mktemp(f"gloo{world}"), JOIN_TIMEOUT_S)
         return cache[world]
 
     return get

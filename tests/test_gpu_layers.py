@@ -31,18 +31,13 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
 import pysbn
-from _support import close, make_replicas, results, run_threads
+from _support import close, make_replicas, randomize, results, run_group, run_threads
 from pysbn import _core
 
 
@@ -96,17 +91,6 @@ def is_format(t, fmt):
         return t.is_contiguous()
     return t.is_contiguous(memory_format=torch.channels_last if t.dim() == 4
                            else torch.channels_last_3d)
-
-
-def randomize(bn):
-    with torch.no_grad():
-        if bn.weight is not None:
-            bn.weight.uniform_(0.5, 1.5)
-        if bn.bias is not None:
-            bn.bias.uniform_(-0.5, 0.5)
-        if bn.running_mean is not None:
-            bn.running_mean.uniform_(-0.2, 0.2)
-            bn.running_var.uniform_(0.8, 1.2)
 
 
 def param_dtype(dtype):
@@ -526,44 +510,8 @@ def test_data_parallel_two_gpus(wrapper, fmt):
 
 # ---- process groups: 2 processes on the GPU(s) ---------------------------------------------------
 
-WORKER = Path(__file__).with_name("_dist_worker.py")
 GPU_CASES = ["layers_cuda_w2", "too_few_w2", "ddp_w2"]
-PG_TIMEOUT_S = 60
 GROUP_TIMEOUT_S = 240
-
-
-def _run_cuda_group(backend: str, folder: Path, world: int = 2) -> dict:
-    folder.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="default",
-               PYSBN_TEST_DEVICE="cuda", PYSBN_TEST_BACKEND=backend)
-    procs = []
-    for rank in range(world):
-        log = open(folder / f"rank{rank}.log", "w")
-        procs.append((subprocess.Popen(
-            [sys.executable, str(WORKER), str(rank), str(world), str(folder / "store"),
-             str(folder), str(PG_TIMEOUT_S), *GPU_CASES],
-            cwd=folder, env=env, stdout=log, stderr=subprocess.STDOUT), log))
-    deadline = time.monotonic() + GROUP_TIMEOUT_S
-    timed_out = False
-    for proc, _ in procs:
-        try:
-            proc.wait(timeout=max(deadline - time.monotonic(), 0.1))
-        except subprocess.TimeoutExpired:
-            timed_out = True
-            break
-    for proc, log in procs:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        log.close()
-    out = {"timed_out": timed_out, "ranks": {}}
-    for rank, (proc, _) in enumerate(procs):
-        res_file = folder / f"rank{rank}.json"
-        out["ranks"][rank] = {
-            "rc": proc.returncode,
-            "results": json.loads(res_file.read_text()) if res_file.exists() else {},
-            "log": (folder / f"rank{rank}.log").read_text(errors="replace")[-4000:]}
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -572,7 +520,9 @@ def cuda_groups(tmp_path_factory):
 
     def get(backend: str) -> dict:
         if backend not in cache:
-            cache[backend] = _run_cuda_group(backend, tmp_path_factory.mktemp(f"{backend}2"))
+            cache[backend] = run_group(
+                2, GPU_CASES, tmp_path_factory.mktemp(f"{backend}2"), GROUP_TIMEOUT_S,
+                env={"PYSBN_TEST_DEVICE": "cuda", "PYSBN_TEST_BACKEND": backend}, log_tail=4000)
         return cache[backend]
 
     return get

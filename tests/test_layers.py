@@ -15,7 +15,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 import pysbn
-from _support import close
+from _support import close, randomize
 
 SYNC = {1: pysbn.SynchronizedBatchNorm1d, 2: pysbn.SynchronizedBatchNorm2d,
         3: pysbn.SynchronizedBatchNorm3d}
@@ -76,14 +76,7 @@ def make_pair(kind, c, dtype=torch.float64, **kw):
     """(sync layer in `dtype`, nn.BatchNorm in float64) with the same random parameters and
     running statistics."""
     ref = PLAIN[kind](c, dtype=torch.float64, **kw)
-    with torch.no_grad():
-        if ref.weight is not None:
-            ref.weight.uniform_(0.5, 1.5)
-        if ref.bias is not None:
-            ref.bias.uniform_(-0.5, 0.5)
-        if ref.running_mean is not None:
-            ref.running_mean.uniform_(-0.2, 0.2)
-            ref.running_var.uniform_(0.8, 1.2)
+    randomize(ref)
     sbn = SYNC[kind](c, dtype=dtype, **kw)
     sbn.load_state_dict(ref.state_dict())
     return sbn, ref
