@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 import pysbn
-from _support import close
+from _support import close, randomize
 
 SYNC = {nn.BatchNorm1d: pysbn.SynchronizedBatchNorm1d, nn.BatchNorm2d: pysbn.SynchronizedBatchNorm2d,
         nn.BatchNorm3d: pysbn.SynchronizedBatchNorm3d}
@@ -28,18 +28,13 @@ def restore_modes():
 
 # ---- helpers ------------------------------------------------------------------------------------
 
-def randomize(model):
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                if m.weight is not None:
-                    m.weight.uniform_(0.5, 1.5)
-                if m.bias is not None:
-                    m.bias.uniform_(-0.5, 0.5)
-                if m.running_mean is not None:
-                    m.running_mean.uniform_(-0.2, 0.2)
-                    m.running_var.uniform_(0.8, 1.2)
-                    m.num_batches_tracked.fill_(3)
+def randomize_model(model):
+    """Random parameters and running statistics for every batch norm of ``model``."""
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            randomize(m)
+            if m.running_mean is not None:
+                m.num_batches_tracked.fill_(3)
 
 
 class Net(nn.Module):
@@ -70,7 +65,7 @@ def bn_layers(model):
 
 def make_net(dtype=torch.float64):
     net = Net().to(dtype)
-    randomize(net)
+    randomize_model(net)
     net.block[1].weight.requires_grad_(False)
     net.heads[1].eval()
     return net
@@ -137,7 +132,7 @@ def test_convert_model_keeps_everything(dtype):
 def test_convert_single_layer_and_idempotent():
     for cls, sync in SYNC.items():
         bn = cls(3, momentum=0.2).double()
-        randomize(bn)
+        randomize_model(bn)
         bn.eval()
         out = pysbn.convert_model(bn)
         assert type(out) is sync and out is not bn
@@ -355,7 +350,7 @@ def test_copy_whole_module(how):
 def test_copy_of_wired_replica_is_unwired(how):
     pysbn.set_sync_timeout(5)
     module = pysbn.SynchronizedBatchNorm2d(3, dtype=torch.float64)
-    randomize(module)
+    randomize_model(module)
     replicas = [module, copy.deepcopy(module)]
     pysbn.execute_replication_callbacks(replicas)
     for r in replicas:
