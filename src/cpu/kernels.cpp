@@ -12,11 +12,15 @@
 // - Statistics: each block of values that fits in L1 is reduced in the accumulation type from
 //   deviations d = x - m to a shift m near its mean, M2 = sum d^2 - (sum d)^2 / n, so there is
 //   no cancellation at large offsets. Channel-major ranges take one pass per channel with m =
-//   the mean of the channel's first block in the range; channels-last blocks one pass with m = the running lane means; either
-//   is verified and redone exactly (per-block shifts, corrected two-pass) when the data's mean
-//   turns out far from m. Blocks, tasks and threads are merged with Chan's formula in double.
+//   the mean of the channel's first block in the range; channels-last blocks one pass with
+//   m = the running lane means; either is verified and redone exactly (per-block shifts,
+//   corrected two-pass) when the data's mean turns out far from m. Blocks, ranges and threads
+//   are merged with Chan's formula in double.
 // - Second passes (normalize after moments, backward_elemt after backward_reduce) walk each
-//   thread's range forwards (see kReverseSecond), over the same range as the first pass.
+//   thread's range forwards, over the same range as the first pass. (Walking it backwards, to
+//   meet the first pass's last data in cache first, won on a Zen 5 VM but lost 3x on a Zen 4
+//   VM, whose prefetchers do not follow descending streams: channels-last normalize of
+//   (64,256,14,14) took 3.0 ms backwards and 0.9 ms forwards on one thread.)
 #include "common.hpp"
 
 #include <pysbn/core.hpp>
@@ -36,10 +40,6 @@
 #endif
 #include <cstdlib>
 
-#ifndef PYSBN_REVERSE_SECOND
-#define PYSBN_REVERSE_SECOND 0
-#endif
-
 namespace pysbn::cpu {
 namespace {
 
@@ -47,11 +47,6 @@ namespace {
 constexpr int64_t kBlock = 4096;          // values per statistics block (16 KiB of float: in L1)
 constexpr int64_t kMinPerThread = 16384;  // below this many values per thread, use fewer threads
 constexpr int64_t kWideLanes = 64;        // channels-last: widen rows to at least this many lanes
-// Second passes (normalize, backward_elemt) walk each thread's range forwards by default. Walking
-// it backwards meets the first pass's last data in cache first, but on a Zen 4 VM the prefetchers
-// do not follow descending streams: channels-last normalize of (64,256,14,14) took 3.0 ms
-// backwards, 0.9 ms forwards (one thread). -DPYSBN_REVERSE_SECOND=1 restores the backward walk.
-constexpr bool kReverseSecond = PYSBN_REVERSE_SECOND != 0;
 
 // ---- element types -----------------------------------------------------------------------------
 using f16 = _Float16;
@@ -375,25 +370,18 @@ inline int cm_threads(const Geometry& g, int num_threads)
   return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads_for(num_threads, planes * g.l), planes)));
 }
 
-/// Calls f(n, c, offset of plane (n, c)) for this thread's planes, ascending or descending.
+/// Calls f(n, c, offset of plane (n, c)) for this thread's planes, in memory order.
 template <class F>
-inline void cm_for_planes(const Geometry& g, int tid, int nt, bool reverse, F&& f)
+inline void cm_for_planes(const Geometry& g, int tid, int nt, F&& f)
 {
   int64_t pb, pe;
   split(g.n * g.c, tid, nt, pb, pe);
-  if (pe <= pb) { return; }
   // (n, c) stepped along, not divided out per plane: a 64-bit division per plane costs as much
   // as reducing a small plane.
-  const int64_t first = reverse ? pe - 1 : pb;
-  int64_t n = first / g.c, c = first % g.c;
-  for (int64_t i = 0; i < pe - pb; ++i) {
-    f(n, c, (n * g.c + c) * g.l);
-    if (reverse) {
-      if (--c < 0) {
-        c = g.c - 1;
-        --n;
-      }
-    } else if (++c == g.c) {
+  int64_t n = pb / g.c, c = pb % g.c;
+  for (int64_t p = pb; p < pe; ++p) {
+    f(n, c, p * g.l);
+    if (++c == g.c) {
       c = 0;
       ++n;
     }
@@ -523,20 +511,18 @@ inline bool mem_rows(const ClPlan& p, int64_t values, bool moments)
 }
 
 template <class F>
-inline void cl_for_blocks(const ClPlan& p, int64_t c, int tid, int nt, bool reverse, F&& f)
+inline void cl_for_blocks(const ClPlan& p, int64_t c, int tid, int nt, F&& f)
 {
   int64_t rb, re;
   split(p.rows, tid, nt, rb, re);
   int64_t nsuper = (re - rb) / p.k;
   int64_t nblocks = (nsuper + p.block - 1) / p.block;
   int64_t tail_first = rb + nsuper * p.k, tail_rows = re - tail_first;
-  auto block = [&](int64_t b) {
+  for (int64_t b = 0; b < nblocks; ++b) {
     int64_t s0 = b * p.block, s1 = std::min(nsuper, s0 + p.block);
     f(rb + s0 * p.k, s1 - s0, p.w);
-  };
-  if (reverse && tail_rows > 0) { f(tail_first, tail_rows, c); }
-  for (int64_t i = 0; i < nblocks; ++i) { block(reverse ? nblocks - 1 - i : i); }
-  if (!reverse && tail_rows > 0) { f(tail_first, tail_rows, c); }
+  }
+  if (tail_rows > 0) { f(tail_first, tail_rows, c); }
 }
 
 inline bool use_rows(const Geometry& g) { return g.layout == Layout::ChannelsLast || g.l == 1; }
@@ -588,7 +574,7 @@ void moments_cm(const T* x, const Geometry& g, std::vector<Moments>& out, int nu
     std::vector<Lanes> acc(C);
     std::vector<A> k(C);
     std::vector<int64_t> nb(C, -1), ne(C, -1);
-    cm_for_planes(g, tid, nt, false, [&](int64_t n, int64_t c, int64_t off) {
+    cm_for_planes(g, tid, nt, [&](int64_t n, int64_t c, int64_t off) {
       const T* plane = x + off;
       if (nb[c] < 0) {
         const int64_t len0 = std::min(kBlock, L);
@@ -643,7 +629,7 @@ void moments_rows(const T* x, const Geometry& g, std::vector<Moments>& out, int 
     double* m2_t = m2_s + p.w;
     std::fill(mean_s, mean_s + p.w + C, 0.0);
     std::fill(m2_s, m2_s + p.w + C, 0.0);
-    cl_for_blocks(p, C, tid, nt, false, [&](int64_t r0, int64_t nrows, int64_t w) {
+    cl_for_blocks(p, C, tid, nt, [&](int64_t r0, int64_t nrows, int64_t w) {
       const T* xb = x + r0 * C;
       A* ps = s.data();  // per-lane shift: the block mean, or the lanes' running mean
       A* psd = sd.data();
@@ -726,7 +712,7 @@ void normalize_impl(const T* x, const Geometry& g, const double* mean, const dou
   }
   if (!use_rows(g)) {
     parallel(cm_threads(g, num_threads), [&](int tid, int nt) {
-      cm_for_planes(g, tid, nt, kReverseSecond, [&](int64_t, int64_t c, int64_t off) {
+      cm_for_planes(g, tid, nt, [&](int64_t, int64_t c, int64_t off) {
         const A mh = sm.hi[c], ac = a[c], bc = b[c];
         const T* __restrict xp = x + off;
         T* __restrict yp = y + off;
@@ -742,9 +728,9 @@ void normalize_impl(const T* x, const Geometry& g, const double* mean, const dou
     const A* __restrict ph = hw.data();
     const A* __restrict pa = aw.data();
     const A* __restrict pb = bw.data();
-    cl_for_blocks(p, C, tid, nt, kReverseSecond, [&](int64_t r0, int64_t nrows, int64_t w) {
+    cl_for_blocks(p, C, tid, nt, [&](int64_t r0, int64_t nrows, int64_t w) {
       for (int64_t i = 0; i < nrows; ++i) {
-        const int64_t off = r0 * C + (kReverseSecond ? nrows - 1 - i : i) * w;
+        const int64_t off = r0 * C + i * w;
         const T* __restrict xr = x + off;
         T* __restrict yr = y + off;
 #pragma omp simd
@@ -770,7 +756,7 @@ void grad_sums(const T* dy, const T* x, const Geometry& g, const SplitMean<acc_t
     std::vector<double> part(static_cast<size_t>(nt0) * 2 * C, 0.0);
     parallel(nt0, [&](int tid, int nt) {
       std::vector<Lanes> acc(C);
-      cm_for_planes(g, tid, nt, false, [&](int64_t, int64_t c, int64_t off) {
+      cm_for_planes(g, tid, nt, [&](int64_t, int64_t c, int64_t off) {
         const A mh = sm.hi[c], ml = sm.lo[c];
         Lanes& a = acc[c];
         for (int64_t i = 0; i < g.l; i += kBlock) {
@@ -816,7 +802,7 @@ void grad_sums(const T* dy, const T* x, const Geometry& g, const SplitMean<acc_t
     double* l2 = l1 + p.w;
     const A* ph = hw.data();
     const A* pl = lw.data();
-    cl_for_blocks(p, C, tid, nt, false, [&](int64_t r0, int64_t nrows, int64_t w) {
+    cl_for_blocks(p, C, tid, nt, [&](int64_t r0, int64_t nrows, int64_t w) {
       A* q1 = b1.data();
       A* q2 = b2.data();
       std::fill(q1, q1 + w, A(0));
@@ -869,7 +855,7 @@ void elemt_impl(const T* dy, const T* x, const Geometry& g, const double* mean, 
   }
   if (!use_rows(g)) {
     parallel(cm_threads(g, num_threads), [&](int tid, int nt) {
-      cm_for_planes(g, tid, nt, kReverseSecond, [&](int64_t, int64_t c, int64_t off) {
+      cm_for_planes(g, tid, nt, [&](int64_t, int64_t c, int64_t off) {
         const A mh = sm.hi[c], a1 = k1[c], a2 = k2[c], a3 = k3[c];
         const T* __restrict d = dy + off;
         const T* __restrict xp = x + off;
@@ -888,11 +874,11 @@ void elemt_impl(const T* dy, const T* x, const Geometry& g, const double* mean, 
     const A* __restrict q1 = w1.data();
     const A* __restrict q2 = w2.data();
     const A* __restrict q3 = w3.data();
-    cl_for_blocks(p, C, tid, nt, kReverseSecond, [&](int64_t r0, int64_t nrows, int64_t w) {
+    cl_for_blocks(p, C, tid, nt, [&](int64_t r0, int64_t nrows, int64_t w) {
       // One row per pass. (Two rows per pass, sharing the coefficient loads, was faster on a
       // Zen 5 and 1.7x slower on a Zen 4 VM: 3.4 vs 2.0 ms for (64,256,14,14), one thread.)
       for (int64_t i = 0; i < nrows; ++i) {
-        const int64_t off = r0 * C + (kReverseSecond ? nrows - 1 - i : i) * w;
+        const int64_t off = r0 * C + i * w;
         const T* __restrict d = dy + off;
         const T* __restrict xr = x + off;
         T* __restrict o = dx + off;
