@@ -31,6 +31,8 @@ from .sync import Synchronizer
 __all__ = ["SyncBatchNormFunction", "FixedStatsBatchNormFunction", "too_few_values"]
 
 _STATS = F.STATS_DTYPE
+_run = F._run  # the tensor layer's CPU/CUDA dispatch
+_ptr = F._ptr
 _DT = F._DTYPES
 _EPS_MODES = F._EPS_MODES
 
@@ -58,28 +60,8 @@ def too_few_values(shape: Sequence[int], agreed: bool = False) -> ValueError:
     return exc
 
 
-def _run(device: torch.device, cpu_op, cuda_op, *args) -> None:
-    if device.type == "cpu":
-        cpu_op(*args, torch.get_num_threads())
-    else:
-        with torch.cuda.device(device):
-            cuda_op(*args, torch.cuda.current_stream(device).cuda_stream)
-
-
-def _run_serial(device: torch.device, cpu_op, cuda_op, *args) -> None:
-    if device.type == "cpu":
-        cpu_op(*args)
-    else:
-        with torch.cuda.device(device):
-            cuda_op(*args, torch.cuda.current_stream(device).cuda_stream)
-
-
 def _param_default(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-
-
-def _ptr(t: Optional[torch.Tensor]) -> int:
-    return 0 if t is None else t.data_ptr()
 
 
 def _backward(ctx, dy, x, weight, mean, invstd, count, sync, fixed):
@@ -215,9 +197,9 @@ class SyncBatchNormFunction(torch.autograd.Function):
         y = F._empty_in_layout(x, g[3])
         mean = torch.empty(c, dtype=_STATS, device=dev)
         invstd = torch.empty(c, dtype=_STATS, device=dev)
-        _run_serial(dev, _core.cpu_finalize, _core.cuda_finalize, c, stats.data_ptr(), eps,
-                    _EPS_MODES[eps_mode], mean.data_ptr(), invstd.data_ptr(), _ptr(rm),
-                    _ptr(rv), _DT[rm.dtype] if rm is not None else _DT[_STATS], factor)
+        _run(dev, _core.cpu_finalize, _core.cuda_finalize, c, stats.data_ptr(), eps,
+             _EPS_MODES[eps_mode], mean.data_ptr(), invstd.data_ptr(), _ptr(rm), _ptr(rv),
+             _DT[rm.dtype] if rm is not None else _DT[_STATS], factor, threaded=False)
         _run(dev, _core.cpu_normalize, _core.cuda_normalize, xv.data_ptr(), _DT[x.dtype], g,
              mean.data_ptr(), invstd.data_ptr(), _ptr(weight), _ptr(bias), _DT[pdt],
              y.data_ptr())
