@@ -23,6 +23,7 @@ from typing import Any, List, Optional, Sequence
 import torch
 from torch import nn
 from torch._utils import ExceptionWrapper
+from torch.nn.parallel.parallel_apply import get_a_var  # torch's own: first tensor in args
 
 from .sync import ReplicaGroup, SyncAbortedError
 
@@ -120,9 +121,9 @@ def parallel_apply(modules: Sequence[nn.Module], inputs: Sequence[Any],
     def worker(i: int, module: nn.Module, inp: Any, kwargs: dict, device) -> None:
         torch.set_grad_enabled(grad_enabled)
         if device is None:
-            t = _first_tensor(inp)
+            t = get_a_var(inp)
             if t is None:
-                t = _first_tensor(kwargs)
+                t = get_a_var(kwargs)
             device = t.device if t is not None else torch.device("cpu")
         try:
             with contextlib.ExitStack() as stack:
@@ -160,22 +161,6 @@ def parallel_apply(modules: Sequence[nn.Module], inputs: Sequence[Any],
         original = [f for f in failures if not isinstance(f[0], SyncAbortedError)]
         (original or failures)[0][1].reraise()
     return [results[i] for i in range(n)]
-
-
-def _first_tensor(obj: Any) -> Optional[torch.Tensor]:
-    if isinstance(obj, torch.Tensor):
-        return obj
-    if isinstance(obj, (list, tuple)):
-        for o in obj:
-            t = _first_tensor(o)
-            if t is not None:
-                return t
-    if isinstance(obj, dict):
-        for o in obj.values():
-            t = _first_tensor(o)
-            if t is not None:
-                return t
-    return None
 
 
 class DataParallelWithCallback(nn.DataParallel):
