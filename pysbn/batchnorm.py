@@ -120,7 +120,6 @@ class _SynchronizedBatchNorm(_BatchNorm):
                 f"{name}: input has {x.shape[1]} channels (dim 1 of shape {tuple(x.shape)}) but "
                 f"the layer has num_features={self.num_features}")
         F._check_device(name, "input", x)
-        half = x.dtype in (torch.float16, torch.bfloat16)
         ref = None
         for pname in ("weight", "bias", "running_mean", "running_var"):
             t = getattr(self, pname)
@@ -136,7 +135,7 @@ class _SynchronizedBatchNorm(_BatchNorm):
                 raise ValueError(f"{name}: {pname} {what}; expected a contiguous tensor of "
                                  f"shape ({self.num_features},)")
             if pname in ("weight", "bias"):
-                if not (t.dtype == x.dtype or (half and t.dtype == torch.float32)):
+                if not F._param_dtype_ok(x.dtype, t.dtype):
                     raise TypeError(f"{name}: {pname} has dtype {t.dtype} but input has dtype "
                                     f"{x.dtype}; convert the layer (.to(dtype)) or the input "
                                     "(float32 parameters are accepted with float16/bfloat16 "
