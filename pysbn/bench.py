@@ -624,23 +624,23 @@ def run(shapes: Sequence[str], threads: Sequence[int], settings: dict,
         table[k] = (tuple(shp), "all")
     dtypes = dtypes or {"cpu": ["float32"], "cuda": ["float32", "float16", "bfloat16"]}
     jobs = []  # (kind, device, dtype, threads, id, shape, fmt)
+
+    def cases(dev):  # (id, shape, fmt) of the rows a device runs
+        for sid in shapes:
+            shape, where = table[sid]
+            if where == "gpu" and dev != "cuda":
+                continue
+            for fmt in _formats(shape, formats):
+                yield sid, shape, fmt
+
     for dev in devices:
         for dt in dtypes.get(dev, ["float32"]):
             for nt in (threads if dev == "cpu" else [torch.get_num_threads()]):
-                for sid in shapes:
-                    shape, where = table[sid]
-                    if where == "gpu" and dev != "cuda":
-                        continue
-                    for fmt in _formats(shape, formats):
-                        jobs.append(("time", dev, dt, nt, sid, shape, fmt))
+                jobs.extend(("time", dev, dt, nt, sid, shape, fmt) for sid, shape, fmt in cases(dev))
         if memory:
             for dt in dtypes.get(dev, ["float32"]):
-                for sid in shapes:
-                    shape, where = table[sid]
-                    if where == "gpu" and dev != "cuda":
-                        continue
-                    for fmt in _formats(shape, formats):
-                        jobs.append(("memory", dev, dt, None, sid, shape, fmt))
+                jobs.extend(("memory", dev, dt, None, sid, shape, fmt)
+                            for sid, shape, fmt in cases(dev))
         if numerics:
             for fmt in _formats(NUMERICS_SHAPE, formats):
                 jobs.append(("numerics", dev, "float32", None, "numerics", NUMERICS_SHAPE, fmt))
