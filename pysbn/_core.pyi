@@ -37,6 +37,15 @@ def cpu_backward_elemt(dy: int, x: int, dtype: int, geometry: Geometry, mean: in
                        weight: int, param_dtype: int, sums: int, count: int, dx: int,
                        num_threads: int) -> None: ...
 
+def cpu_fused_forward(x: int, dtype: int, geometry: Geometry, weight: int, bias: int,
+                      param_dtype: int, eps: float, eps_mode: int, stats: int, mean: int,
+                      invstd: int, running_mean: int, running_var: int, running_dtype: int,
+                      factor: float, num_batches_tracked: int, y: int,
+                      num_threads: int) -> None: ...
+def cpu_fused_backward(dy: int, x: int, dtype: int, geometry: Geometry, mean: int, invstd: int,
+                       weight: int, param_dtype: int, count: int, sums: int, grad_weight: int,
+                       grad_bias: int, dx: int, num_threads: int) -> None: ...
+
 # ---- cuda:: ops: same, enqueued on `stream` (a cudaStream_t as int; 0 = legacy default) --------
 def cuda_sum_ft(x: int, dtype: int, geometry: Geometry, out: int, stream: int) -> None: ...
 def cuda_moments(x: int, dtype: int, geometry: Geometry, stats: int, stream: int) -> None: ...
@@ -52,3 +61,11 @@ def cuda_backward_reduce(dy: int, x: int, dtype: int, geometry: Geometry, mean: 
 def cuda_backward_elemt(dy: int, x: int, dtype: int, geometry: Geometry, mean: int, invstd: int,
                         weight: int, param_dtype: int, sums: int, count: int, dx: int,
                         stream: int) -> None: ...
+def cuda_fused_forward(x: int, dtype: int, geometry: Geometry, weight: int, bias: int,
+                       param_dtype: int, eps: float, eps_mode: int, stats: int, mean: int,
+                       invstd: int, running_mean: int, running_var: int, running_dtype: int,
+                       factor: float, num_batches_tracked: int, y: int,
+                       stream: int) -> None: ...
+def cuda_fused_backward(dy: int, x: int, dtype: int, geometry: Geometry, mean: int, invstd: int,
+                        weight: int, param_dtype: int, count: int, sums: int, grad_weight: int,
+                        grad_bias: int, dx: int, stream: int) -> None: ...

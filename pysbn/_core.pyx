@@ -29,9 +29,9 @@ __all__ = [
     "version", "built_with_cuda", "built_with_openmp", "cuda_architectures",
     "acc_dtype", "dtype_size",
     "cpu_sum_ft", "cpu_moments", "cpu_merge_moments", "cpu_finalize", "cpu_normalize",
-    "cpu_backward_reduce", "cpu_backward_elemt",
+    "cpu_backward_reduce", "cpu_backward_elemt", "cpu_fused_forward", "cpu_fused_backward",
     "cuda_sum_ft", "cuda_moments", "cuda_merge_moments", "cuda_finalize", "cuda_normalize",
-    "cuda_backward_reduce", "cuda_backward_elemt",
+    "cuda_backward_reduce", "cuda_backward_elemt", "cuda_fused_forward", "cuda_fused_backward",
 ]
 
 # ---- enum values (from the header, not retyped) -------------------------------------------------
@@ -162,6 +162,39 @@ cpdef void cpu_backward_elemt(uintptr_t dy, uintptr_t x, int dtype, object geome
                                 <void*>dx, num_threads)
 
 
+cpdef void cpu_fused_forward(uintptr_t x, int dtype, object geometry, uintptr_t weight,
+                             uintptr_t bias, int param_dtype, double eps, int eps_mode,
+                             uintptr_t stats, uintptr_t mean, uintptr_t invstd,
+                             uintptr_t running_mean, uintptr_t running_var, int running_dtype,
+                             double factor, uintptr_t num_batches_tracked, uintptr_t y,
+                             int num_threads) except *:
+    """moments + finalize + normalize in one call (a member with nothing to synchronise); the
+    running stats (dtype ``running_dtype``) and ``num_batches_tracked`` (int64) are updated
+    last, when their pointers are not 0."""
+    cdef Geometry g = _geometry(geometry)
+    with nogil:
+        _lib.cpu_fused_forward(<const void*>x, <DType>dtype, g, <const void*>weight,
+                               <const void*>bias, <DType>param_dtype, eps, <EpsMode>eps_mode,
+                               <double*>stats, <double*>mean, <double*>invstd,
+                               <void*>running_mean, <void*>running_var, <DType>running_dtype,
+                               factor, <int64_t*>num_batches_tracked, <void*>y, num_threads)
+
+
+cpdef void cpu_fused_backward(uintptr_t dy, uintptr_t x, int dtype, object geometry,
+                              uintptr_t mean, uintptr_t invstd, uintptr_t weight,
+                              int param_dtype, uintptr_t count, uintptr_t sums,
+                              uintptr_t grad_weight, uintptr_t grad_bias, uintptr_t dx,
+                              int num_threads) except *:
+    """backward_reduce into ``sums`` then, when ``dx`` is not 0, backward_elemt with those
+    local sums and ``count`` (one float64 value)."""
+    cdef Geometry g = _geometry(geometry)
+    with nogil:
+        _lib.cpu_fused_backward(<const void*>dy, <const void*>x, <DType>dtype, g,
+                                <const double*>mean, <const double*>invstd, <const void*>weight,
+                                <DType>param_dtype, <const double*>count, <double*>sums,
+                                <void*>grad_weight, <void*>grad_bias, <void*>dx, num_threads)
+
+
 # ---- cuda:: ops (same contracts; asynchronous on ``stream``) ------------------------------------
 
 cpdef void cuda_sum_ft(uintptr_t x, int dtype, object geometry, uintptr_t out,
@@ -233,4 +266,35 @@ cpdef void cuda_backward_elemt(uintptr_t dy, uintptr_t x, int dtype, object geom
         _lib.cuda_backward_elemt(<const void*>dy, <const void*>x, <DType>dtype, g,
                                  <const double*>mean, <const double*>invstd, <const void*>weight,
                                  <DType>param_dtype, <const double*>sums, <const double*>count,
+                                 <void*>dx, <void*>stream)
+
+
+cpdef void cuda_fused_forward(uintptr_t x, int dtype, object geometry, uintptr_t weight,
+                              uintptr_t bias, int param_dtype, double eps, int eps_mode,
+                              uintptr_t stats, uintptr_t mean, uintptr_t invstd,
+                              uintptr_t running_mean, uintptr_t running_var, int running_dtype,
+                              double factor, uintptr_t num_batches_tracked, uintptr_t y,
+                              uintptr_t stream) except *:
+    """CUDA :func:`cpu_fused_forward`, enqueued on ``stream``."""
+    cdef Geometry g = _geometry(geometry)
+    with nogil:
+        _lib.cuda_fused_forward(<const void*>x, <DType>dtype, g, <const void*>weight,
+                                <const void*>bias, <DType>param_dtype, eps, <EpsMode>eps_mode,
+                                <double*>stats, <double*>mean, <double*>invstd,
+                                <void*>running_mean, <void*>running_var, <DType>running_dtype,
+                                factor, <int64_t*>num_batches_tracked, <void*>y, <void*>stream)
+
+
+cpdef void cuda_fused_backward(uintptr_t dy, uintptr_t x, int dtype, object geometry,
+                               uintptr_t mean, uintptr_t invstd, uintptr_t weight,
+                               int param_dtype, uintptr_t count, uintptr_t sums,
+                               uintptr_t grad_weight, uintptr_t grad_bias, uintptr_t dx,
+                               uintptr_t stream) except *:
+    """CUDA :func:`cpu_fused_backward`, enqueued on ``stream``."""
+    cdef Geometry g = _geometry(geometry)
+    with nogil:
+        _lib.cuda_fused_backward(<const void*>dy, <const void*>x, <DType>dtype, g,
+                                 <const double*>mean, <const double*>invstd,
+                                 <const void*>weight, <DType>param_dtype, <const double*>count,
+                                 <double*>sums, <void*>grad_weight, <void*>grad_bias,
                                  <void*>dx, <void*>stream)

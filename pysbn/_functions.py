@@ -8,6 +8,12 @@
 - backward: ``backward_reduce`` (local sums, grad_weight, grad_bias) -> synchronizer (global
   sums) -> ``backward_elemt`` (dx).
 
+:class:`LocalBatchNormFunction` (training statistics of a member with nothing to synchronise, eps
+mode "plus"): the same work in one native call per direction, ``fused_forward`` and
+``fused_backward``. Small layers are bound by per-call overhead (BN1d (256, 512) spends more time
+in Python and torch than in its kernels), so this path keeps the Python to a minimum; it also
+updates ``num_batches_tracked`` natively, after everything else, so a failed step changes nothing.
+
 :class:`FixedStatsBatchNormFunction` (eval mode with running statistics): ``normalize`` with the
 running statistics; backward ``backward_reduce`` (for the parameter gradients) and
 ``backward_elemt`` with zero sums, i.e. ``dx = dy * invstd * weight``.
@@ -28,7 +34,8 @@ from . import _core
 from . import functional as F
 from .sync import Synchronizer
 
-__all__ = ["SyncBatchNormFunction", "FixedStatsBatchNormFunction", "too_few_values"]
+__all__ = ["SyncBatchNormFunction", "LocalBatchNormFunction", "FixedStatsBatchNormFunction",
+           "too_few_values"]
 
 _STATS = F.STATS_DTYPE
 _run = F._run  # the tensor layer's CPU/CUDA dispatch
@@ -102,13 +109,14 @@ def _backward(ctx, dy, x, weight, mean, invstd, count, sync, fixed):
     return dx, gw, gb
 
 
-def _first_order_only(grads, dy, x, weight):
+def _first_order_only(ctx, grads, dy):
     """The core's backward is not differentiable. Under ``create_graph=True`` (grad mode on in
-    the backward) with a second-order path through dy, x or weight, the gradients come back
-    wrapped so that differentiating them raises, instead of silently missing that term (as
-    ``torch.autograd.function.once_differentiable`` does, which only looks at dy)."""
+    the backward) with a second-order path through dy, x or weight (the Function's first two
+    inputs), the gradients come back wrapped so that differentiating them raises, instead of
+    silently missing that term (as ``torch.autograd.function.once_differentiable`` does, which
+    only looks at dy)."""
     if not torch.is_grad_enabled() or not (
-            dy.requires_grad or x.requires_grad or (weight is not None and weight.requires_grad)):
+            dy.requires_grad or ctx.needs_input_grad[0] or ctx.needs_input_grad[1]):
         return grads
     delayed = getattr(torch._C._functions, "DelayedError", None)
     if delayed is None:  # pragma: no cover - private torch API moved
@@ -243,8 +251,77 @@ class SyncBatchNormFunction(torch.autograd.Function):
             if ctx.sync is not None:
                 ctx.sync.abort(exc)
             raise
-        dx, gw, gb = _first_order_only((dx, gw, gb), dy, x, weight)
+        dx, gw, gb = _first_order_only(ctx, (dx, gw, gb), dy)
         return dx, gw, gb, None, None, None, None, None, None
+
+
+class LocalBatchNormFunction(torch.autograd.Function):
+    """Training-mode batch norm of a member with nothing to synchronise (eps mode "plus").
+
+    ``forward(x, weight, bias, running_mean, running_var, num_batches_tracked, eps, factor)``:
+    one ``fused_forward`` call computes the statistics, normalises ``x`` and, when given,
+    updates the running statistics and adds 1 to ``num_batches_tracked``, those last, after
+    every argument was checked: a failure leaves them as they were. One float64 buffer of
+    4C+1 values holds the moments record (count, mean, M2), then mean and invstd; the backward
+    reuses the record's mean and M2 slots for the grad sums (its count slot is the count).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: Optional[torch.Tensor],
+                bias: Optional[torch.Tensor], running_mean: Optional[torch.Tensor],
+                running_var: Optional[torch.Tensor], num_batches_tracked: Optional[torch.Tensor],
+                eps: float, factor: float) -> torch.Tensor:
+        """Normalises ``x`` with its own batch statistics (see :class:`SyncBatchNormFunction`
+        for the arguments; ``num_batches_tracked``, an int64 tensor of one value or None, is
+        incremented in place)."""
+        xv, g = F._view(x)
+        n, c, l, layout = g
+        if n * l == 1:
+            raise too_few_values(x.shape)
+        dev = x.device
+        pdt = weight.dtype if weight is not None else (
+            bias.dtype if bias is not None else _param_default(x.dtype))
+        buf = torch.empty(4 * c + 1, dtype=_STATS, device=dev)
+        p = buf.data_ptr()
+        y = F._empty_in_layout(x, layout)
+        _run(dev, _core.cpu_fused_forward, _core.cuda_fused_forward, xv.data_ptr(), _DT[x.dtype], g,
+             _ptr(weight), _ptr(bias), _DT[pdt], eps, _core.EPS_PLUS, p, p + 8 * (2 * c + 1),
+             p + 8 * (3 * c + 1), _ptr(running_mean), _ptr(running_var),
+             _DT[running_mean.dtype] if running_mean is not None else _DT[_STATS], factor,
+             _ptr(num_batches_tracked), y.data_ptr())
+        ctx.param_dtype = pdt
+        ctx.geometry = g
+        # The (N, C, L) tensor the kernels read: x itself, or its dense copy (kept, so the
+        # backward does not copy it again).
+        ctx.save_for_backward(xv, weight, buf)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor) -> Tuple[Optional[torch.Tensor], ...]:
+        """``dx``, grad_weight, grad_bias in one ``fused_backward`` call.
+
+        Returns
+        -------
+        tuple
+            ``(dx, grad_weight, grad_bias)`` (each None where not needed) and five None.
+        """
+        xv, weight, buf = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        g = ctx.geometry
+        c = g[1]
+        dev = xv.device
+        pdt = ctx.param_dtype
+        dy = F._in_layout(dy, g[3])
+        gw = torch.empty(c, dtype=pdt, device=dev) if need_w else None
+        gb = torch.empty(c, dtype=pdt, device=dev) if need_b else None
+        dx = F._empty_in_layout(xv, g[3]) if need_x else None
+        if need_x or need_w or need_b:
+            p = buf.data_ptr()
+            _run(dev, _core.cpu_fused_backward, _core.cuda_fused_backward, dy.data_ptr(),
+                 xv.data_ptr(), _DT[xv.dtype], g, p + 8 * (2 * c + 1), p + 8 * (3 * c + 1),
+                 _ptr(weight), _DT[pdt], p, p + 8, _ptr(gw), _ptr(gb), _ptr(dx))
+        dx, gw, gb = _first_order_only(ctx, (dx, gw, gb), dy)
+        return dx, gw, gb, None, None, None, None, None
 
 
 class FixedStatsBatchNormFunction(torch.autograd.Function):
@@ -298,5 +375,5 @@ class FixedStatsBatchNormFunction(torch.autograd.Function):
         x, weight, mean, invstd = ctx.saved_tensors
         one = torch.ones(1, dtype=_STATS, device=x.device)
         dx, gw, gb = _backward(ctx, dy, x, weight, mean, invstd, one, None, True)
-        dx, gw, gb = _first_order_only((dx, gw, gb), dy, x, weight)
+        dx, gw, gb = _first_order_only(ctx, (dx, gw, gb), dy)
         return dx, gw, gb, None, None

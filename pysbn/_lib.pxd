@@ -63,6 +63,15 @@ cdef extern from "pysbn/core.hpp" namespace "pysbn" nogil:
         const void* dy, const void* x, DType dtype, Geometry g, const double* mean,
         const double* invstd, const void* weight, DType param_dtype, const double* sums,
         const double* count, void* dx, int num_threads) except +
+    void cpu_fused_forward "pysbn::cpu::fused_forward"(
+        const void* x, DType dtype, Geometry g, const void* weight, const void* bias,
+        DType param_dtype, double eps, EpsMode mode, double* stats, double* mean,
+        double* invstd, void* running_mean, void* running_var, DType running_dtype,
+        double factor, int64_t* num_batches_tracked, void* y, int num_threads) except +
+    void cpu_fused_backward "pysbn::cpu::fused_backward"(
+        const void* dy, const void* x, DType dtype, Geometry g, const double* mean,
+        const double* invstd, const void* weight, DType param_dtype, const double* count,
+        double* sums, void* grad_weight, void* grad_bias, void* dx, int num_threads) except +
 
     # ---- cuda:: (device memory, enqueued on a cudaStream_t passed as void*) ------------------
     void cuda_sum_ft "pysbn::cuda::sum_ft"(
@@ -87,3 +96,12 @@ cdef extern from "pysbn/core.hpp" namespace "pysbn" nogil:
         const void* dy, const void* x, DType dtype, Geometry g, const double* mean,
         const double* invstd, const void* weight, DType param_dtype, const double* sums,
         const double* count, void* dx, void* stream) except +
+    void cuda_fused_forward "pysbn::cuda::fused_forward"(
+        const void* x, DType dtype, Geometry g, const void* weight, const void* bias,
+        DType param_dtype, double eps, EpsMode mode, double* stats, double* mean,
+        double* invstd, void* running_mean, void* running_var, DType running_dtype,
+        double factor, int64_t* num_batches_tracked, void* y, void* stream) except +
+    void cuda_fused_backward "pysbn::cuda::fused_backward"(
+        const void* dy, const void* x, DType dtype, Geometry g, const double* mean,
+        const double* invstd, const void* weight, DType param_dtype, const double* count,
+        double* sums, void* grad_weight, void* grad_bias, void* dx, void* stream) except +

@@ -11,7 +11,8 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import functional as F
-from ._functions import FixedStatsBatchNormFunction, SyncBatchNormFunction
+from ._functions import (FixedStatsBatchNormFunction, LocalBatchNormFunction,
+                         SyncBatchNormFunction)
 from .sync import ProcessGroupSync, ReplicaGroup, ReplicaSync, Synchronizer
 
 __all__ = [
@@ -58,6 +59,7 @@ class ChannelMismatchError(ValueError, RuntimeError):
 
 
 _FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+_ABSENT = object()  # a parameter or buffer name missing from the module's dicts
 
 
 class _SynchronizedBatchNorm(_BatchNorm):
@@ -105,6 +107,37 @@ class _SynchronizedBatchNorm(_BatchNorm):
         return self._sbn_name or f"{type(self).__name__}({self.num_features})"
 
     def _check_tensors(self, x: torch.Tensor) -> None:
+        # The common case costs a few attribute reads: this runs at every call, and small
+        # layers are bound by per-call overhead. Anything unusual goes to _explain_tensors,
+        # which raises the error that names the problem.
+        if type(x) is torch.Tensor and x.layout is torch.strided \
+                and x.dim() in self._expected_dims and x.dtype in _FLOATS \
+                and x.shape[1] == self.num_features and x.device.type in F._RUNNABLE:
+            params, bufs = self._parameters, self._buffers
+            w, b = params.get("weight", _ABSENT), params.get("bias", _ABSENT)
+            rm, rv = bufs.get("running_mean", _ABSENT), bufs.get("running_var", _ABSENT)
+            shape = (self.num_features,)
+            ok = True
+            for t in (w, b, rm, rv):
+                if t is not None and (t is _ABSENT or t.device != x.device or t.shape != shape
+                                      or not t.is_contiguous()):
+                    ok = False
+                    break
+            if ok:
+                wd = w.dtype if w is not None else None
+                bd = b.dtype if b is not None else None
+                ok = ((wd is None or F._param_dtype_ok(x.dtype, wd))
+                      and (bd is None or F._param_dtype_ok(x.dtype, bd))
+                      and (wd is None or bd is None or wd == bd)
+                      and (rm is None or rm.dtype in _FLOATS)
+                      and (rv is None or (rv.dtype in _FLOATS
+                                          and (rm is None or rv.dtype == rm.dtype))))
+            if ok:
+                return
+        self._explain_tensors(x)
+
+    def _explain_tensors(self, x: torch.Tensor) -> None:
+        """Checks the input and the layer's tensors one by one; raises the first problem."""
         name = type(self).__name__
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{name}: input must be a torch.Tensor, got {type(x).__name__}")
@@ -237,24 +270,31 @@ class _SynchronizedBatchNorm(_BatchNorm):
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_tensors(x)
         eps = float(self.eps)
-        if not self.training and self.running_mean is not None and self.running_var is not None:
-            mean = self.running_mean.to(torch.float64)
-            var = self.running_var.to(torch.float64)
+        params, bufs = self._parameters, self._buffers
+        weight, bias = params["weight"], params["bias"]
+        rm, rv = bufs["running_mean"], bufs["running_var"]
+        if not self.training and rm is not None and rv is not None:
+            mean = rm.to(torch.float64)
+            var = rv.to(torch.float64)
             var = var + eps if _eps_mode == "plus" else var.clamp_min(eps)
-            return FixedStatsBatchNormFunction.apply(x, self.weight, self.bias, mean,
-                                                     var.rsqrt_())
+            return FixedStatsBatchNormFunction.apply(x, weight, bias, mean, var.rsqrt_())
         track = self.training and self.track_running_stats
         factor = 0.0
-        nbt = self.num_batches_tracked if track else None
+        nbt = bufs.get("num_batches_tracked") if track else None
         if track:
             if self.momentum is None:
                 done = 0 if nbt is None else int(nbt)
                 factor = 1.0 / (done + 1)
             else:
                 factor = float(self.momentum)
+        else:
+            rm = rv = None
         sync = self._synchronizer() if self.training else None
-        rm = self.running_mean if track else None
-        rv = self.running_var if track else None
+        if sync is None and _eps_mode == "plus" and (
+                nbt is None or (nbt.dtype == torch.int64 and nbt.device == x.device)):
+            # Nothing to synchronise: one native call per direction, which also updates the
+            # running stats and num_batches_tracked last (nothing changes if it fails).
+            return LocalBatchNormFunction.apply(x, weight, bias, rm, rv, nbt, eps, factor)
         # Atomicity: the running stats are updated in place inside the Function (finalize,
         # after the sync); keep their old values (2C elements) so that a failure after that
         # point (in normalize, or anything later) leaves them exactly as they were.
@@ -262,8 +302,7 @@ class _SynchronizedBatchNorm(_BatchNorm):
         if rm is not None and rv is not None and (sync is None or sync.updates_running_stats):
             saved = torch.cat((rm, rv))
         try:
-            y = SyncBatchNormFunction.apply(x, self.weight, self.bias, rm, rv, eps, _eps_mode,
-                                            factor, sync)
+            y = SyncBatchNormFunction.apply(x, weight, bias, rm, rv, eps, _eps_mode, factor, sync)
         except BaseException:
             if saved is not None:
                 with torch.no_grad():

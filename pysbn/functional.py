@@ -108,6 +108,10 @@ def _check_input(op: str, name: str, x: object) -> torch.Tensor:
     return x
 
 
+# Device types this build runs on (the fast checks of the layers compare against it).
+_RUNNABLE = ("cpu", "cuda") if _core.built_with_cuda() else ("cpu",)
+
+
 def _check_device(op: str, name: str, t: torch.Tensor) -> None:
     kind = t.device.type
     if kind == "cuda":

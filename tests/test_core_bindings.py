@@ -223,7 +223,77 @@ def test_cuda_ops_without_cuda_raise_runtime_error():
         "normalize": lambda: _core.cuda_normalize(0, f32, g, 0, 0, 0, 0, f32, 0, 0),
         "backward_reduce": lambda: _core.cuda_backward_reduce(0, 0, f32, g, 0, 0, 0, 0, 0, f32, 0),
         "backward_elemt": lambda: _core.cuda_backward_elemt(0, 0, f32, g, 0, 0, 0, f32, 0, 0, 0, 0),
+        "fused_forward": lambda: _core.cuda_fused_forward(0, f32, g, 0, 0, f32, 1e-5,
+                                                          _core.EPS_PLUS, 0, 0, 0, 0, 0, f32, 0.1,
+                                                          0, 0, 0),
+        "fused_backward": lambda: _core.cuda_fused_backward(0, 0, f32, g, 0, 0, 0, f32, 0, 0, 0,
+                                                            0, 0, 0),
     }
     for name, call in calls.items():
         with pytest.raises(RuntimeError, match="without CUDA"):
             call()
+
+
+# ---- the fused ops ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("cl", [False, True], ids=["channel_major", "channels_last"])
+def test_cpu_fused_ops_are_the_composed_ops(cl):
+    """fused_forward / fused_backward give the bits of moments -> finalize -> normalize and
+    backward_reduce -> backward_elemt (which the other tests check against references)."""
+    f32, f64 = _core.DTYPE_FLOAT32, torch.float64
+    x = torch.randn(8, 6, 5, 7) * 3 + 2
+    dy = torch.randn(8, 6, 5, 7)
+    if cl:
+        x, dy = (t.contiguous(memory_format=torch.channels_last) for t in (x, dy))
+    g = (8, 6, 35, _core.LAYOUT_CHANNELS_LAST if cl else _core.LAYOUT_CHANNEL_MAJOR)
+    w, b = torch.rand(6) + 0.5, torch.randn(6)
+    rm0, rv0 = torch.randn(6), torch.rand(6) + 0.5
+    # composed
+    st, mean, inv = (torch.empty(n, dtype=f64) for n in (13, 6, 6))
+    rm, rv, y = rm0.clone(), rv0.clone(), torch.empty_like(x)
+    _core.cpu_moments(x.data_ptr(), f32, g, st.data_ptr(), 2)
+    _core.cpu_finalize(6, st.data_ptr(), 1e-3, _core.EPS_PLUS, mean.data_ptr(), inv.data_ptr(),
+                       rm.data_ptr(), rv.data_ptr(), f32, 0.2)
+    _core.cpu_normalize(x.data_ptr(), f32, g, mean.data_ptr(), inv.data_ptr(), w.data_ptr(),
+                        b.data_ptr(), f32, y.data_ptr(), 2)
+    # fused
+    buf = torch.full((4 * 6 + 1,), float("nan"), dtype=f64)
+    p = buf.data_ptr()
+    rm_f, rv_f, y_f = rm0.clone(), rv0.clone(), torch.full_like(x, float("nan"))
+    nbt = torch.tensor(5, dtype=torch.int64)
+    _core.cpu_fused_forward(x.data_ptr(), f32, g, w.data_ptr(), b.data_ptr(), f32, 1e-3,
+                            _core.EPS_PLUS, p, p + 8 * 13, p + 8 * 19, rm_f.data_ptr(),
+                            rv_f.data_ptr(), f32, 0.2, nbt.data_ptr(), y_f.data_ptr(), 2)
+    for got, want, what in [(buf[:13], st, "record"), (buf[13:19], mean, "mean"),
+                            (buf[19:], inv, "invstd"), (y_f, y, "y"), (rm_f, rm, "running_mean"),
+                            (rv_f, rv, "running_var")]:
+        assert torch.equal(got, want), what
+    assert int(nbt) == 6
+    # backward: composed with the record's count, fused with the grad sums over the record
+    sums, gw, gb, dx = torch.empty(12, dtype=f64), torch.empty(6), torch.empty(6), torch.empty_like(x)
+    _core.cpu_backward_reduce(dy.data_ptr(), x.data_ptr(), f32, g, mean.data_ptr(), inv.data_ptr(),
+                              sums.data_ptr(), gw.data_ptr(), gb.data_ptr(), f32, 2)
+    _core.cpu_backward_elemt(dy.data_ptr(), x.data_ptr(), f32, g, mean.data_ptr(), inv.data_ptr(),
+                             w.data_ptr(), f32, sums.data_ptr(), st.data_ptr(), dx.data_ptr(), 2)
+    gw_f, gb_f, dx_f = torch.empty(6), torch.empty(6), torch.empty_like(x)
+    _core.cpu_fused_backward(dy.data_ptr(), x.data_ptr(), f32, g, p + 8 * 13, p + 8 * 19,
+                             w.data_ptr(), f32, p, p + 8, gw_f.data_ptr(), gb_f.data_ptr(),
+                             dx_f.data_ptr(), 2)
+    for got, want, what in [(buf[1:13], sums, "sums"), (gw_f, gw, "grad_weight"),
+                            (gb_f, gb, "grad_bias"), (dx_f, dx, "dx")]:
+        assert torch.equal(got, want), what
+
+
+def test_cpu_fused_forward_error_changes_nothing():
+    x = torch.randn(4, 3)
+    g = (4, 3, 1, _core.LAYOUT_CHANNEL_MAJOR)
+    buf, y = torch.zeros(13, dtype=torch.float64), torch.zeros(4, 3)
+    rm, rv, nbt = torch.zeros(3), torch.ones(3), torch.tensor(2, dtype=torch.int64)
+    p = buf.data_ptr()
+    with pytest.raises(ValueError, match="running_dtype"):
+        _core.cpu_fused_forward(x.data_ptr(), _core.DTYPE_FLOAT32, g, 0, 0, _core.DTYPE_FLOAT32,
+                                1e-5, _core.EPS_PLUS, p, p + 56, p + 80, rm.data_ptr(),
+                                rv.data_ptr(), 7, 0.1, nbt.data_ptr(), y.data_ptr(), 1)
+    assert torch.equal(rm, torch.zeros(3)) and torch.equal(rv, torch.ones(3)) and int(nbt) == 2
+    assert torch.equal(y, torch.zeros(4, 3)) and torch.equal(buf, torch.zeros(13, dtype=torch.float64))
+

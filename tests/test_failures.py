@@ -573,11 +573,16 @@ def test_master_released_by_failing_replica_keeps_its_state():
     _assert_same_state(net, before)
 
 
-@pytest.mark.parametrize("op", ["cpu_moments", "cpu_finalize", "cpu_normalize"])
+@pytest.mark.parametrize("mode,op", [
+    # the lone layer's one native call (it checks everything before it writes)
+    ("plus", "cpu_fused_forward"),
+    # the composed path (eps mode "clamp" here; the same Function runs under a sync)
+    ("clamp", "cpu_moments"), ("clamp", "cpu_finalize"), ("clamp", "cpu_normalize")])
 @pytest.mark.parametrize("momentum", [0.1, None])
-def test_core_failure_keeps_state(monkeypatch, op, momentum):
+def test_core_failure_keeps_state(monkeypatch, mode, op, momentum):
     import pysbn._functions as fn_mod
 
+    monkeypatch.setattr(pysbn.batchnorm, "_eps_mode", mode)
     sbn = pysbn.SynchronizedBatchNorm2d(4, momentum=momentum)
     sbn(torch.randn(3, 4, 2, 2))  # some non-trivial state
     before = _state(sbn)
@@ -592,7 +597,7 @@ def test_core_failure_keeps_state(monkeypatch, op, momentum):
     with pytest.raises(RuntimeError, match=f"injected failure in {op}"):
         sbn(torch.randn(3, 4, 2, 2))
     _assert_same_state(sbn, before)
-    monkeypatch.undo()
+    monkeypatch.setattr(fn_mod._core, op, real)
     sbn(torch.randn(3, 4, 2, 2))  # the layer still works
     assert int(sbn.num_batches_tracked) == int(before["num_batches_tracked"]) + 1
 

@@ -371,6 +371,53 @@ def test_gradcheck(kind, shape, fmt, opt, train):
     assert torch.autograd.gradcheck(fn, (x, w, b), eps=1e-6, atol=1e-5, rtol=1e-4)
 
 
+# ---- the lone layer's fused path ----------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["float32", "float16"])
+@pytest.mark.parametrize("kind,shape,fmt", CASES, ids=CASE_IDS)
+def test_lone_path_is_the_composed_path(kind, shape, fmt, dtype):
+    """A lone training layer runs LocalBatchNormFunction (one native call per direction); it
+    must give the bits of SyncBatchNormFunction without a synchronizer (the composed ops, as
+    under a sync), including the running stats and num_batches_tracked."""
+    from pysbn._functions import SyncBatchNormFunction
+
+    sbn = SYNC[kind](shape[1])
+    randomize(sbn)
+    sbn.float()
+    base = {k: v.clone() for k, v in sbn.state_dict().items()}
+    w0, b0 = sbn.weight.detach().clone(), sbn.bias.detach().clone()
+    x = make_input(shape, torch.float32, fmt).to(dtype)
+    dy = torch.randn(shape).to(dtype)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya = sbn(xa)
+    ya.backward(dy)
+    wb, bb = w0.clone().requires_grad_(), b0.clone().requires_grad_()
+    rm, rv = base["running_mean"].clone(), base["running_var"].clone()
+    yb = SyncBatchNormFunction.apply(xb, wb, bb, rm, rv, sbn.eps, "plus", sbn.momentum, None)
+    yb.backward(dy)
+    assert torch.equal(ya, yb) and ya.stride() == yb.stride()
+    assert torch.equal(xa.grad, xb.grad)
+    assert torch.equal(sbn.weight.grad, wb.grad) and torch.equal(sbn.bias.grad, bb.grad)
+    assert torch.equal(sbn.running_mean, rm) and torch.equal(sbn.running_var, rv)
+    assert int(sbn.num_batches_tracked) == int(base["num_batches_tracked"]) + 1
+
+
+def test_lone_path_backward_twice_with_retain_graph():
+    """The backward reuses the forward's statistics buffer for its sums: a second backward
+    through the same graph must give the same gradients."""
+    sbn, ref = make_pair(2, 4)
+    x = make_input((3, 4, 5, 2), torch.float64).requires_grad_()
+    xr = x.detach().clone().requires_grad_()
+    y, yr = sbn(x), ref(xr)
+    dy1, dy2 = torch.randn_like(y), torch.randn_like(y)
+    g1, = torch.autograd.grad(y, x, dy1, retain_graph=True)
+    g2, = torch.autograd.grad(y, x, dy2)
+    r1, = torch.autograd.grad(yr, xr, dy1, retain_graph=True)
+    r2, = torch.autograd.grad(yr, xr, dy2)
+    close(g1, r1, 1e-10, "first backward")
+    close(g2, r2, 1e-10, "second backward")
+
+
 # ---- module behaviour ---------------------------------------------------------------------------
 
 def test_isinstance_and_signature():

@@ -117,20 +117,6 @@ void dispatch_dtype(DType d, F&& f)
   }
 }
 
-// Reads/writes one per-channel parameter of dtype `pd` as double (cold paths only).
-inline double param_get(const void* p, DType pd, int64_t i, double fallback)
-{
-  if (p == nullptr) { return fallback; }
-  double v = 0;
-  dispatch_dtype(pd, [&](auto tag) { v = ldp<decltype(tag)>(p, i); });
-  return v;
-}
-inline void param_set(void* p, DType pd, int64_t i, double v)
-{
-  if (p == nullptr) { return; }
-  dispatch_dtype(pd, [&](auto tag) { stp<decltype(tag)>(p, i, v); });
-}
-
 // ---- threading ---------------------------------------------------------------------------------
 template <class F>
 void parallel(int nt, F&& f)
@@ -1012,33 +998,75 @@ void merge_moments(int64_t k, int64_t c, const double* records, double* out)
   }
 }
 
-void finalize(int64_t c, const double* stats, double eps, EpsMode mode, double* mean, double* invstd,
-              void* running_mean, void* running_var, DType param_dtype, double factor)
+namespace {
+
+void check_finalize(const char* op, int64_t c, const double* stats, double eps, EpsMode mode, const double* mean,
+                    const double* invstd, const void* running_mean, const void* running_var, DType running_dtype,
+                    const char* running_dtype_name, double factor)
 {
-  PYSBN_EXPECTS(c >= 0, "finalize: c must be >= 0, got " + std::to_string(c));
-  PYSBN_EXPECTS(mode == EpsMode::Plus || mode == EpsMode::Clamp, "finalize: mode must be Plus (0) or Clamp (1)");
-  PYSBN_EXPECTS(eps >= 0 && std::isfinite(eps), "finalize: eps must be finite and >= 0, got " + std::to_string(eps));
-  PYSBN_EXPECTS(std::isfinite(factor), "finalize: factor must be finite");
-  PYSBN_EXPECTS(detail::valid_dtype(param_dtype), "finalize: param_dtype is not supported");
+  const std::string o(op);
+  PYSBN_EXPECTS(c >= 0, o + ": c must be >= 0, got " + std::to_string(c));
+  PYSBN_EXPECTS(mode == EpsMode::Plus || mode == EpsMode::Clamp, o + ": mode must be Plus (0) or Clamp (1)");
+  PYSBN_EXPECTS(eps >= 0 && std::isfinite(eps), o + ": eps must be finite and >= 0, got " + std::to_string(eps));
+  PYSBN_EXPECTS(std::isfinite(factor), o + ": factor must be finite");
+  PYSBN_EXPECTS(detail::valid_dtype(running_dtype), o + ": " + running_dtype_name + " is not supported");
   PYSBN_EXPECTS((running_mean == nullptr) == (running_var == nullptr),
-                "finalize: running_mean and running_var must both be given or both be null");
-  detail::check_ptr("finalize", "stats", stats, true);
-  detail::check_ptr("finalize", "mean", mean, c > 0);
-  detail::check_ptr("finalize", "invstd", invstd, c > 0);
+                o + ": running_mean and running_var must both be given or both be null");
+  detail::check_ptr(op, "stats", stats, true);
+  detail::check_ptr(op, "mean", mean, c > 0);
+  detail::check_ptr(op, "invstd", invstd, c > 0);
+}
+
+// mean[C] and invstd[C] from a moments record.
+void mean_invstd(int64_t c, const double* stats, double eps, EpsMode mode, double* mean, double* invstd)
+{
   const double n = stats[0];
   for (int64_t j = 0; j < c; ++j) {
     const double mu = n > 0 ? stats[1 + j] : 0.0;
-    const double m2 = n > 0 ? stats[1 + c + j] : 0.0;
-    const double var = n > 0 ? m2 / n : 0.0;
+    const double var = n > 0 ? stats[1 + c + j] / n : 0.0;
     const double den = mode == EpsMode::Plus ? var + eps : std::max(var, eps);
     mean[j] = mu;
     invstd[j] = 1.0 / std::sqrt(den);
-    if (running_mean != nullptr && n > 0) {
-      const double unbiased = m2 / (n - 1);
-      param_set(running_mean, param_dtype, j, (1 - factor) * param_get(running_mean, param_dtype, j, 0) + factor * mu);
-      param_set(running_var, param_dtype, j, (1 - factor) * param_get(running_var, param_dtype, j, 0) + factor * unbiased);
-    }
   }
+}
+
+// running = (1 - factor) * running + factor * (mean, unbiased var); untouched when count == 0.
+void update_running(int64_t c, const double* stats, void* running_mean, void* running_var, DType dtype,
+                    double factor)
+{
+  const double n = stats[0];
+  if (running_mean == nullptr || !(n > 0)) { return; }
+  dispatch_dtype(dtype, [&](auto tag) {
+    using P = decltype(tag);
+    for (int64_t j = 0; j < c; ++j) {
+      stp<P>(running_mean, j, (1 - factor) * ldp<P>(running_mean, j) + factor * stats[1 + j]);
+      stp<P>(running_var, j, (1 - factor) * ldp<P>(running_var, j) + factor * (stats[1 + c + j] / (n - 1)));
+    }
+  });
+}
+
+// grad_weight[c] = sums[C + c] * invstd[c], grad_bias[c] = sums[c] (each when not null).
+void write_param_grads(int64_t c, const double* sums, const double* invstd, void* grad_weight, void* grad_bias,
+                       DType param_dtype)
+{
+  dispatch_dtype(param_dtype, [&](auto tag) {
+    using P = decltype(tag);
+    for (int64_t j = 0; j < c; ++j) {
+      if (grad_weight != nullptr) { stp<P>(grad_weight, j, sums[c + j] * invstd[j]); }
+      if (grad_bias != nullptr) { stp<P>(grad_bias, j, sums[j]); }
+    }
+  });
+}
+
+}  // namespace
+
+void finalize(int64_t c, const double* stats, double eps, EpsMode mode, double* mean, double* invstd,
+              void* running_mean, void* running_var, DType param_dtype, double factor)
+{
+  check_finalize("finalize", c, stats, eps, mode, mean, invstd, running_mean, running_var, param_dtype, "param_dtype",
+                 factor);
+  mean_invstd(c, stats, eps, mode, mean, invstd);
+  update_running(c, stats, running_mean, running_var, param_dtype, factor);
 }
 
 void normalize(const void* x, DType dtype, Geometry g, const double* mean, const double* invstd, const void* weight,
@@ -1081,13 +1109,10 @@ void backward_reduce(const void* dy, const void* x, DType dtype, Geometry g, con
       grad_sums<T>(static_cast<const T*>(dy), static_cast<const T*>(x), g, SplitMean<acc_t<T>>(mean, g.c), s1, s2,
                    num_threads);
     }
-    for (int64_t c = 0; c < g.c; ++c) {
-      sums[c] = s1[c];
-      sums[g.c + c] = s2[c];
-      if (grad_weight != nullptr) { param_set(grad_weight, param_dtype, c, s2[c] * invstd[c]); }
-      param_set(grad_bias, param_dtype, c, s1[c]);
-    }
+    std::copy(s1.begin(), s1.end(), sums);
+    std::copy(s2.begin(), s2.end(), sums + g.c);
   });
+  write_param_grads(g.c, sums, invstd, grad_weight, grad_bias, param_dtype);
 }
 
 void backward_elemt(const void* dy, const void* x, DType dtype, Geometry g, const double* mean, const double* invstd,
@@ -1112,6 +1137,46 @@ void backward_elemt(const void* dy, const void* x, DType dtype, Geometry g, cons
     elemt_impl<T, decltype(ptag)>(static_cast<const T*>(dy), static_cast<const T*>(x), g, mean, invstd, weight, sums,
                                   *count, static_cast<T*>(dx), num_threads);
   });
+}
+
+void fused_forward(const void* x, DType dtype, Geometry g, const void* weight, const void* bias, DType param_dtype,
+                   double eps, EpsMode mode, double* stats, double* mean, double* invstd, void* running_mean,
+                   void* running_var, DType running_dtype, double factor, int64_t* num_batches_tracked, void* y,
+                   int num_threads)
+{
+  // Every argument is checked before anything is written, so a throw leaves the caller's state
+  // (running stats, num_batches_tracked) as it was.
+  detail::check_input("fused_forward", dtype, g);
+  detail::check_param_dtype("fused_forward", dtype, param_dtype);
+  check_threads("fused_forward", num_threads);
+  check_finalize("fused_forward", g.c, stats, eps, mode, mean, invstd, running_mean, running_var, running_dtype,
+                 "running_dtype", factor);
+  const bool data = detail::numel(g) > 0;
+  detail::check_ptr("fused_forward", "x", x, data);
+  detail::check_ptr("fused_forward", "y", y, data);
+  moments(x, dtype, g, stats, num_threads);
+  mean_invstd(g.c, stats, eps, mode, mean, invstd);
+  normalize(x, dtype, g, mean, invstd, weight, bias, param_dtype, y, num_threads);
+  update_running(g.c, stats, running_mean, running_var, running_dtype, factor);
+  if (num_batches_tracked != nullptr) { ++*num_batches_tracked; }
+}
+
+void fused_backward(const void* dy, const void* x, DType dtype, Geometry g, const double* mean,
+                    const double* invstd, const void* weight, DType param_dtype, const double* count, double* sums,
+                    void* grad_weight, void* grad_bias, void* dx, int num_threads)
+{
+  detail::check_input("fused_backward", dtype, g);
+  detail::check_param_dtype("fused_backward", dtype, param_dtype);
+  check_threads("fused_backward", num_threads);
+  const bool data = detail::numel(g) > 0;
+  detail::check_ptr("fused_backward", "dy", dy, data);
+  detail::check_ptr("fused_backward", "x", x, data);
+  detail::check_ptr("fused_backward", "mean", mean, data);
+  detail::check_ptr("fused_backward", "invstd", invstd, data || (g.c > 0 && grad_weight != nullptr));
+  detail::check_ptr("fused_backward", "sums", sums, g.c > 0);
+  detail::check_ptr("fused_backward", "count", count, data && dx != nullptr);
+  backward_reduce(dy, x, dtype, g, mean, invstd, sums, grad_weight, grad_bias, param_dtype, num_threads);
+  if (dx != nullptr) { backward_elemt(dy, x, dtype, g, mean, invstd, weight, param_dtype, sums, count, dx, num_threads); }
 }
 
 }  // namespace pysbn::cpu

@@ -692,6 +692,9 @@ __global__ void finalize_kernel(int64_t n_ch, const double* __restrict__ stats, 
   }
 }
 
+/// ++*counter on the device (num_batches_tracked of the fused forward).
+__global__ void increment_kernel(int64_t* counter) { *counter += 1; }
+
 // ---- host launchers --------------------------------------------------------------------------
 
 std::string op_name(const char* op) { return std::string("cuda::") + op; }
@@ -995,6 +998,41 @@ void backward_elemt(const void* dy, const void* x, DType dtype, Geometry g, cons
     run_elementwise<BackwardElemtOp<Acc>, T>(op, static_cast<const T*>(dy), static_cast<const T*>(x),
                                              static_cast<T*>(dx), g, args, s);
   });
+}
+
+void fused_forward(const void* x, DType dtype, Geometry g, const void* weight, const void* bias, DType param_dtype,
+                   double eps, EpsMode mode, double* stats, double* mean, double* invstd, void* running_mean,
+                   void* running_var, DType running_dtype, double factor, int64_t* num_batches_tracked, void* y,
+                   void* stream)
+{
+  constexpr const char* op = "fused_forward";
+  detail::check_input(op, dtype, g);
+  detail::check_param_dtype(op, dtype, param_dtype);
+  detail::check_ptr(op, "stats", stats, true);
+  detail::check_ptr(op, "x", x, detail::numel(g) > 0);
+  detail::check_ptr(op, "y", y, detail::numel(g) > 0);
+  PYSBN_EXPECTS((running_mean == nullptr) == (running_var == nullptr),
+                std::string(op) + ": running_mean and running_var must both be given or both be null");
+  // The composed ops check the rest before they enqueue anything; the running statistics and
+  // the counter are updated by the last launches, after normalize was enqueued.
+  moments(x, dtype, g, stats, stream);
+  finalize(g.c, stats, eps, mode, mean, invstd, nullptr, nullptr, running_dtype, factor, stream);
+  normalize(x, dtype, g, mean, invstd, weight, bias, param_dtype, y, stream);
+  if (running_mean != nullptr || running_var != nullptr) {
+    finalize(g.c, stats, eps, mode, mean, invstd, running_mean, running_var, running_dtype, factor, stream);
+  }
+  if (num_batches_tracked != nullptr) {
+    increment_kernel<<<1, 1, 0, as_stream(stream)>>>(num_batches_tracked);
+    check_launch(op);
+  }
+}
+
+void fused_backward(const void* dy, const void* x, DType dtype, Geometry g, const double* mean,
+                    const double* invstd, const void* weight, DType param_dtype, const double* count, double* sums,
+                    void* grad_weight, void* grad_bias, void* dx, void* stream)
+{
+  backward_reduce(dy, x, dtype, g, mean, invstd, sums, grad_weight, grad_bias, param_dtype, stream);
+  if (dx != nullptr) { backward_elemt(dy, x, dtype, g, mean, invstd, weight, param_dtype, sums, count, dx, stream); }
 }
 
 }  // namespace pysbn::cuda

@@ -36,4 +36,15 @@ void backward_elemt(const void*, const void*, DType, Geometry, const double*, co
   no_cuda("backward_elemt");
 }
 
+void fused_forward(const void*, DType, Geometry, const void*, const void*, DType, double, EpsMode, double*, double*,
+                   double*, void*, void*, DType, double, int64_t*, void*, void*)
+{
+  no_cuda("fused_forward");
+}
+void fused_backward(const void*, const void*, DType, Geometry, const double*, const double*, const void*, DType,
+                    const double*, double*, void*, void*, void*, void*)
+{
+  no_cuda("fused_backward");
+}
+
 }  // namespace pysbn::cuda

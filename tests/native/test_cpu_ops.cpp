@@ -249,6 +249,18 @@ double tol_out(DType t, double ref, double scale)
 }
 
 /// Checks got[i] against ref[i] within tol[i]; reports the first few misses (NaN is a miss).
+/// Bit-for-bit equality (NaNs equal when their bits are); reports the first difference.
+void expect_same_bits(const std::string& what, const std::vector<double>& got, const std::vector<double>& want)
+{
+  ASSERT_EQ(got.size(), want.size()) << what;
+  for (size_t i = 0; i < got.size(); ++i) {
+    if (std::memcmp(&got[i], &want[i], sizeof(double)) != 0) {
+      ADD_FAILURE() << what << "[" << i << "] = " << got[i] << ", expected exactly " << want[i];
+      return;
+    }
+  }
+}
+
 void expect_near_all(const std::string& what, const std::vector<double>& got,
                      const std::vector<double>& ref, const std::vector<double>& tol)
 {
@@ -748,6 +760,85 @@ TEST_P(CpuOps, TwoReplicaChainMatchesBatchNorm)
     if (M > 1) {
       expect_near_all("running_mean", rm.values(), rm_ref, rm_tol);
       expect_near_all("running_var", rv.values(), rv_ref, rv_tol);
+    }
+  }
+}
+
+/// fused_forward is moments -> finalize -> normalize (+ running stats, + the counter) in one
+/// call: bit for bit the composed ops, which the tests above check against references.
+TEST_P(CpuOps, FusedForwardIsTheComposedOps)
+{
+  const OpCase& p = GetParam();
+  const Buf w = random_uniform(p.param, p.c, rng_, 0.5, 1.5, true);
+  const Buf b = random_uniform(p.param, p.c, rng_, -1.0, 1.0);
+  const Buf rm0 = random_uniform(p.param, p.c, rng_, -1.0, 1.0), rv0 = random_uniform(p.param, p.c, rng_, 0.5, 2.0);
+  const EpsMode mode = p.c % 2 ? EpsMode::Plus : EpsMode::Clamp;
+  for (int variant = 0; variant < 2; ++variant) {
+    const bool full = variant == 0;  // affine + running stats + counter, or none of them
+    SCOPED_TRACE(full ? "affine, running stats, counter" : "no affine, no running stats, no counter");
+    for (int t : kThreads) {
+      SCOPED_TRACE("num_threads=" + std::to_string(t));
+      std::vector<double> st_ref = nans(2 * p.c + 1), mean_ref = nans(p.c), inv_ref = nans(p.c);
+      Buf y_ref(p.dtype, numel(g_)), rm_ref = rm0, rv_ref = rv0;
+      cpu::moments(x_.data(), p.dtype, g_, st_ref.data(), t);
+      cpu::finalize(p.c, st_ref.data(), 1e-3, mode, mean_ref.data(), inv_ref.data(), full ? rm_ref.data() : nullptr,
+                    full ? rv_ref.data() : nullptr, p.param, 0.25);
+      cpu::normalize(x_.data(), p.dtype, g_, mean_ref.data(), inv_ref.data(), full ? w.data() : nullptr,
+                     full ? b.data() : nullptr, p.param, y_ref.data(), t);
+
+      std::vector<double> st = nans(2 * p.c + 1), mean = nans(p.c), inv = nans(p.c);
+      Buf y(p.dtype, numel(g_)), rm = rm0, rv = rv0;
+      y.poison();
+      int64_t counter = 41;
+      cpu::fused_forward(x_.data(), p.dtype, g_, full ? w.data() : nullptr, full ? b.data() : nullptr, p.param, 1e-3,
+                         mode, st.data(), mean.data(), inv.data(), full ? rm.data() : nullptr,
+                         full ? rv.data() : nullptr, p.param, 0.25, full ? &counter : nullptr, y.data(), t);
+      expect_same_bits("stats", st, st_ref);
+      expect_same_bits("mean", mean, mean_ref);
+      expect_same_bits("invstd", inv, inv_ref);
+      expect_same_bits("y", y.values(), y_ref.values());
+      expect_same_bits("running_mean", rm.values(), rm_ref.values());
+      expect_same_bits("running_var", rv.values(), rv_ref.values());
+      EXPECT_EQ(counter, full ? 42 : 41);
+    }
+  }
+}
+
+/// fused_backward is backward_reduce -> backward_elemt with the local sums and count.
+TEST_P(CpuOps, FusedBackwardIsTheComposedOps)
+{
+  const OpCase& p = GetParam();
+  const Buf w = random_uniform(p.param, p.c, rng_, 0.5, 1.5, true);
+  const double count = static_cast<double>(p.n * p.l);
+  for (int variant = 0; variant < 3; ++variant) {
+    // 0: everything; 1: no weight, no grad_bias; 2: no dx (parameter gradients only)
+    SCOPED_TRACE("variant " + std::to_string(variant));
+    const void* wp = variant == 1 ? nullptr : w.data();
+    for (int t : kThreads) {
+      SCOPED_TRACE("num_threads=" + std::to_string(t));
+      std::vector<double> sums_ref = nans(2 * p.c);
+      Buf gw_ref(p.param, p.c), gb_ref(p.param, p.c), dx_ref(p.dtype, numel(g_));
+      cpu::backward_reduce(dy_.data(), x_.data(), p.dtype, g_, mean_.data(), invstd_.data(), sums_ref.data(),
+                           gw_ref.data(), variant == 1 ? nullptr : gb_ref.data(), p.param, t);
+      cpu::backward_elemt(dy_.data(), x_.data(), p.dtype, g_, mean_.data(), invstd_.data(), wp, p.param,
+                          sums_ref.data(), &count, dx_ref.data(), t);
+
+      std::vector<double> sums = nans(2 * p.c);
+      Buf gw(p.param, p.c), gb(p.param, p.c), dx(p.dtype, numel(g_));
+      gw.poison();
+      gb.poison();
+      dx.poison();
+      cpu::fused_backward(dy_.data(), x_.data(), p.dtype, g_, mean_.data(), invstd_.data(), wp, p.param, &count,
+                          sums.data(), gw.data(), variant == 1 ? nullptr : gb.data(), variant == 2 ? nullptr : dx.data(),
+                          t);
+      expect_same_bits("sums", sums, sums_ref);
+      expect_same_bits("grad_weight", gw.values(), gw_ref.values());
+      if (variant != 1) { expect_same_bits("grad_bias", gb.values(), gb_ref.values()); }
+      if (variant != 2) {
+        expect_same_bits("dx", dx.values(), dx_ref.values());
+      } else {
+        for (double v : dx.values()) { ASSERT_TRUE(std::isnan(v)) << "dx was written though it is null"; }
+      }
     }
   }
 }
@@ -1479,6 +1570,81 @@ TEST_F(Errors, MergeAndFinalizeArguments)
   expect_invalid("finalize running_mean without running_var", {"running_mean", "running_var"}, [&] {
     cpu::finalize(C, st.data(), 1e-5, EpsMode::Plus, mean.data(), invstd.data(), rm.data(), nullptr, f, 0.1);
   });
+}
+
+/// A throwing fused_forward writes nothing: the running statistics and the counter stay.
+TEST_F(Errors, FusedForwardChecksEverythingBeforeWriting)
+{
+  Buf rm(DType::Float32, C), rv(DType::Float32, C);
+  rm.fill(0.5);
+  rv.fill(2.0);
+  int64_t counter = 7;
+  auto call = [&](const void* xp, DType pd, EpsMode mode, DType rd, void* yp, double eps) {
+    cpu::fused_forward(xp, f, g, w.data(), b.data(), pd, eps, mode, st.data(), mean.data(), invstd.data(), rm.data(),
+                       rv.data(), rd, 0.1, &counter, yp, 1);
+  };
+  expect_invalid("fused_forward y", {"y"}, [&] { call(x.data(), f, EpsMode::Plus, f, nullptr, 1e-5); });
+  expect_invalid("fused_forward x", {"x"}, [&] { call(nullptr, f, EpsMode::Plus, f, out.data(), 1e-5); });
+  expect_invalid("fused_forward param_dtype", {"param_dtype"},
+                 [&] { call(x.data(), DType::Float64, EpsMode::Plus, f, out.data(), 1e-5); });
+  expect_invalid("fused_forward running_dtype", {"running_dtype"},
+                 [&] { call(x.data(), f, EpsMode::Plus, static_cast<DType>(9), out.data(), 1e-5); });
+  expect_invalid("fused_forward mode", {"mode"},
+                 [&] { call(x.data(), f, static_cast<EpsMode>(5), f, out.data(), 1e-5); });
+  expect_invalid("fused_forward eps", {"eps"}, [&] { call(x.data(), f, EpsMode::Plus, f, out.data(), -1.0); });
+  expect_invalid("fused_forward running stats both or neither", {"running_mean", "running_var"}, [&] {
+    cpu::fused_forward(x.data(), f, g, nullptr, nullptr, f, 1e-5, EpsMode::Plus, st.data(), mean.data(),
+                       invstd.data(), rm.data(), nullptr, f, 0.1, &counter, out.data(), 1);
+  });
+  expect_invalid("fused_forward num_threads", {"num_threads"}, [&] {
+    cpu::fused_forward(x.data(), f, g, nullptr, nullptr, f, 1e-5, EpsMode::Plus, st.data(), mean.data(),
+                       invstd.data(), rm.data(), rv.data(), f, 0.1, &counter, out.data(), 0);
+  });
+  EXPECT_EQ(counter, 7);
+  for (int64_t c = 0; c < C; ++c) {
+    EXPECT_EQ(rm.get(c), 0.5);
+    EXPECT_EQ(rv.get(c), 2.0);
+  }
+}
+
+/// A zero-size batch: the counter still counts (as nn.BatchNorm's num_batches_tracked), the
+/// running statistics stay, mean = 0 and invstd = 1/sqrt(eps).
+TEST_F(Errors, FusedForwardOnAnEmptyBatch)
+{
+  const Geometry empty{0, C, 4, Layout::ChannelMajor};
+  Buf rm(DType::Float32, C), rv(DType::Float32, C);
+  rm.fill(0.5);
+  rv.fill(2.0);
+  int64_t counter = 0;
+  cpu::fused_forward(nullptr, f, empty, w.data(), b.data(), f, 0.25, EpsMode::Plus, st.data(), mean.data(),
+                     invstd.data(), rm.data(), rv.data(), f, 0.1, &counter, nullptr, 2);
+  EXPECT_EQ(counter, 1);
+  EXPECT_EQ(st[0], 0.0);
+  for (int64_t c = 0; c < C; ++c) {
+    EXPECT_EQ(rm.get(c), 0.5);
+    EXPECT_EQ(rv.get(c), 2.0);
+    EXPECT_EQ(mean[static_cast<size_t>(c)], 0.0);
+    EXPECT_EQ(invstd[static_cast<size_t>(c)], 2.0);
+  }
+}
+
+TEST_F(Errors, FusedBackwardArguments)
+{
+  expect_invalid("fused_backward count", {"count"}, [&] {
+    cpu::fused_backward(dy.data(), x.data(), f, g, mean.data(), invstd.data(), w.data(), f, nullptr, sums.data(),
+                        nullptr, nullptr, out.data(), 1);
+  });
+  expect_invalid("fused_backward sums", {"sums"}, [&] {
+    cpu::fused_backward(dy.data(), x.data(), f, g, mean.data(), invstd.data(), w.data(), f, &cnt, nullptr, nullptr,
+                        nullptr, out.data(), 1);
+  });
+  expect_invalid("fused_backward dy", {"dy"}, [&] {
+    cpu::fused_backward(nullptr, x.data(), f, g, mean.data(), invstd.data(), w.data(), f, &cnt, sums.data(), nullptr,
+                        nullptr, out.data(), 1);
+  });
+  // No dx: the count is not needed.
+  cpu::fused_backward(dy.data(), x.data(), f, g, mean.data(), invstd.data(), w.data(), f, nullptr, sums.data(),
+                      nullptr, nullptr, nullptr, 1);
 }
 
 }  // namespace

@@ -931,6 +931,73 @@ TEST_F(CudaOps, AgreesWithCpuOps)
   }
 }
 
+/// The fused ops are the composed ops in one call: same kernels, so the same bits; the
+/// running statistics and the counter are updated, the backward uses the local sums.
+TEST_F(CudaOps, FusedOpsAreTheComposedOps)
+{
+  for (DType d : kTypes) {
+    for (Layout lay : kLayouts) {
+      Geometry g{4, 6, 50, lay};
+      SCOPED_TRACE(describe(d, g));
+      const DType pd = d;
+      const auto x = random_input(g, d, 41, 3.0);
+      const auto dy = random_input(g, d, 42);
+      const auto w = random_vector(g.c, 43, 0.5, 1.5, pd), b = random_vector(g.c, 44, -1.0, 1.0, pd);
+      const auto rm0 = random_vector(g.c, 45, -1.0, 1.0, pd), rv0 = random_vector(g.c, 46, 0.5, 2.0, pd);
+      Dev dx(encode(x, d)), ddy(encode(dy, d)), dw(encode(w, pd)), db(encode(b, pd));
+      const size_t rec = (2 * g.c + 1) * sizeof(double), per = g.c * sizeof(double);
+      const size_t bytes = encode(x, d).size();
+
+      // composed
+      Dev st_c = Dev::filled(rec, 0xff), m_c = Dev::filled(per, 0xff), i_c = Dev::filled(per, 0xff);
+      Dev y_c = Dev::filled(bytes, 0xff), rm_c(encode(rm0, pd)), rv_c(encode(rv0, pd));
+      pysbn::cuda::moments(dx.get(), d, g, st_c.as<double>(), stream());
+      pysbn::cuda::finalize(g.c, st_c.as<double>(), 1e-3, EpsMode::Plus, m_c.as<double>(), i_c.as<double>(),
+                            rm_c.get(), rv_c.get(), pd, 0.25, stream());
+      pysbn::cuda::normalize(dx.get(), d, g, m_c.as<double>(), i_c.as<double>(), dw.get(), db.get(), pd, y_c.get(),
+                             stream());
+      // fused
+      Dev st_f = Dev::filled(rec, 0xff), m_f = Dev::filled(per, 0xff), i_f = Dev::filled(per, 0xff);
+      Dev y_f = Dev::filled(bytes, 0xff), rm_f(encode(rm0, pd)), rv_f(encode(rv0, pd));
+      const int64_t start = 41;
+      Bytes hc(sizeof start);
+      std::memcpy(hc.data(), &start, sizeof start);
+      Dev counter(hc);
+      pysbn::cuda::fused_forward(dx.get(), d, g, dw.get(), db.get(), pd, 1e-3, EpsMode::Plus, st_f.as<double>(),
+                                 m_f.as<double>(), i_f.as<double>(), rm_f.get(), rv_f.get(), pd, 0.25,
+                                 counter.as<int64_t>(), y_f.get(), stream());
+      sync();
+      EXPECT_EQ(st_f.download(), st_c.download()) << "stats";
+      EXPECT_EQ(m_f.download(), m_c.download()) << "mean";
+      EXPECT_EQ(i_f.download(), i_c.download()) << "invstd";
+      EXPECT_EQ(y_f.download(), y_c.download()) << "y";
+      EXPECT_EQ(rm_f.download(), rm_c.download()) << "running_mean";
+      EXPECT_EQ(rv_f.download(), rv_c.download()) << "running_var";
+      int64_t after = 0;
+      const Bytes hafter = counter.download();
+      std::memcpy(&after, hafter.data(), sizeof after);
+      EXPECT_EQ(after, start + 1) << "num_batches_tracked";
+
+      // backward: composed with the local count (the record's count slot) vs fused
+      Dev s_c = Dev::filled(2 * per, 0xff), gw_c = Dev::filled(per, 0xff), gb_c = Dev::filled(per, 0xff);
+      Dev dx_c = Dev::filled(bytes, 0xff);
+      pysbn::cuda::backward_reduce(ddy.get(), dx.get(), d, g, m_c.as<double>(), i_c.as<double>(), s_c.as<double>(),
+                                   gw_c.get(), gb_c.get(), pd, stream());
+      pysbn::cuda::backward_elemt(ddy.get(), dx.get(), d, g, m_c.as<double>(), i_c.as<double>(), dw.get(), pd,
+                                  s_c.as<double>(), st_c.as<double>(), dx_c.get(), stream());
+      Dev s_f = Dev::filled(2 * per, 0xff), gw_f = Dev::filled(per, 0xff), gb_f = Dev::filled(per, 0xff);
+      Dev dx_f = Dev::filled(bytes, 0xff);
+      pysbn::cuda::fused_backward(ddy.get(), dx.get(), d, g, m_c.as<double>(), i_c.as<double>(), dw.get(), pd,
+                                  st_c.as<double>(), s_f.as<double>(), gw_f.get(), gb_f.get(), dx_f.get(), stream());
+      sync();
+      EXPECT_EQ(s_f.download(), s_c.download()) << "sums";
+      EXPECT_EQ(gw_f.download(), gw_c.download()) << "grad_weight";
+      EXPECT_EQ(gb_f.download(), gb_c.download()) << "grad_bias";
+      EXPECT_EQ(dx_f.download(), dx_c.download()) << "dx";
+    }
+  }
+}
+
 // ---- argument validation (fails before any device work) --------------------------------------
 
 TEST(CudaOpsValidation, BadArgumentsThrowInvalidArgument)

@@ -126,6 +126,24 @@ void backward_elemt(const void* dy, const void* x, DType dtype, Geometry g, cons
                     const double* invstd, const void* weight, DType param_dtype, const double* sums,
                     const double* count, void* dx, int num_threads);
 
+/// fused_forward: the training forward of a member with nothing to synchronise, in one call:
+/// moments (into `stats`, 2C+1 doubles), mean[C] and invstd[C] (as finalize), y (as normalize),
+/// then, when not null, the running-stat update (as finalize, dtype `running_dtype`) and
+/// ++*num_batches_tracked. Every argument is checked before anything is written, and the
+/// running statistics and the counter are written last, so a throw leaves them as they were.
+/// stats, mean and invstd must not overlap each other or x/y.
+void fused_forward(const void* x, DType dtype, Geometry g, const void* weight, const void* bias, DType param_dtype,
+                   double eps, EpsMode mode, double* stats, double* mean, double* invstd, void* running_mean,
+                   void* running_var, DType running_dtype, double factor, int64_t* num_batches_tracked, void* y,
+                   int num_threads);
+
+/// fused_backward: backward_reduce into `sums` (2C doubles; grad_weight / grad_bias when not
+/// null) then, when dx is not null, backward_elemt with those local sums and `count` (one
+/// double): the backward of fused_forward, with nothing to synchronise.
+void fused_backward(const void* dy, const void* x, DType dtype, Geometry g, const double* mean,
+                    const double* invstd, const void* weight, DType param_dtype, const double* count, double* sums,
+                    void* grad_weight, void* grad_bias, void* dx, int num_threads);
+
 }  // namespace cpu
 
 namespace cuda {
@@ -149,6 +167,14 @@ void backward_reduce(const void* dy, const void* x, DType dtype, Geometry g, con
 void backward_elemt(const void* dy, const void* x, DType dtype, Geometry g, const double* mean,
                     const double* invstd, const void* weight, DType param_dtype, const double* sums,
                     const double* count, void* dx, void* stream);
+
+void fused_forward(const void* x, DType dtype, Geometry g, const void* weight, const void* bias, DType param_dtype,
+                   double eps, EpsMode mode, double* stats, double* mean, double* invstd, void* running_mean,
+                   void* running_var, DType running_dtype, double factor, int64_t* num_batches_tracked, void* y,
+                   void* stream);
+void fused_backward(const void* dy, const void* x, DType dtype, Geometry g, const double* mean,
+                    const double* invstd, const void* weight, DType param_dtype, const double* count, double* sums,
+                    void* grad_weight, void* grad_bias, void* dx, void* stream);
 
 }  // namespace cuda
 
