@@ -264,6 +264,7 @@ class LocalBatchNormFunction(torch.autograd.Function):
     every argument was checked: a failure leaves them as they were. One float64 buffer of
     4C+1 values holds the moments record (count, mean, M2), then mean and invstd; the backward
     reuses the record's mean and M2 slots for the grad sums (its count slot is the count).
+    The Python here is kept to the minimum on purpose: small layers are bound by it.
     """
 
     @staticmethod
@@ -275,25 +276,28 @@ class LocalBatchNormFunction(torch.autograd.Function):
         for the arguments; ``num_batches_tracked``, an int64 tensor of one value or None, is
         incremented in place)."""
         xv, g = F._view(x)
-        n, c, l, layout = g
-        if n * l == 1:
+        c = g[1]
+        if g[0] * g[2] == 1:
             raise too_few_values(x.shape)
-        dev = x.device
         pdt = weight.dtype if weight is not None else (
             bias.dtype if bias is not None else _param_default(x.dtype))
-        buf = torch.empty(4 * c + 1, dtype=_STATS, device=dev)
+        buf = torch.empty(4 * c + 1, dtype=_STATS, device=x.device)
+        y = torch.empty_like(xv)  # xv is dense: same strides, so the same layout
         p = buf.data_ptr()
-        y = F._empty_in_layout(x, layout)
-        _run(dev, _core.cpu_fused_forward, _core.cuda_fused_forward, xv.data_ptr(), _DT[x.dtype], g,
-             _ptr(weight), _ptr(bias), _DT[pdt], eps, _core.EPS_PLUS, p, p + 8 * (2 * c + 1),
-             p + 8 * (3 * c + 1), _ptr(running_mean), _ptr(running_var),
-             _DT[running_mean.dtype] if running_mean is not None else _DT[_STATS], factor,
-             _ptr(num_batches_tracked), y.data_ptr())
+        args = (xv.data_ptr(), _DT[x.dtype], g, _ptr(weight), _ptr(bias), _DT[pdt], eps,
+                _core.EPS_PLUS, p, p + 8 * (2 * c + 1), p + 8 * (3 * c + 1), _ptr(running_mean),
+                _ptr(running_var),
+                _DT[running_mean.dtype] if running_mean is not None else _DT[_STATS], factor,
+                _ptr(num_batches_tracked), y.data_ptr())
+        if x.is_cuda:
+            _run(x.device, None, _core.cuda_fused_forward, *args)
+        else:
+            _core.cpu_fused_forward(*args, torch.get_num_threads())
         ctx.param_dtype = pdt
         ctx.geometry = g
-        # The (N, C, L) tensor the kernels read: x itself, or its dense copy (kept, so the
-        # backward does not copy it again).
-        ctx.save_for_backward(xv, weight, buf)
+        ctx.buf = buf  # internal (never handed out): needs no version tracking
+        # The tensor the kernels read: x itself, or its dense copy (the backward reuses it).
+        ctx.save_for_backward(xv, weight)
         return y
 
     @staticmethod
@@ -305,21 +309,24 @@ class LocalBatchNormFunction(torch.autograd.Function):
         tuple
             ``(dx, grad_weight, grad_bias)`` (each None where not needed) and five None.
         """
-        xv, weight, buf = ctx.saved_tensors
+        xv, weight = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         g = ctx.geometry
         c = g[1]
-        dev = xv.device
         pdt = ctx.param_dtype
         dy = F._in_layout(dy, g[3])
-        gw = torch.empty(c, dtype=pdt, device=dev) if need_w else None
-        gb = torch.empty(c, dtype=pdt, device=dev) if need_b else None
-        dx = F._empty_in_layout(xv, g[3]) if need_x else None
+        gw = torch.empty(c, dtype=pdt, device=xv.device) if need_w else None
+        gb = torch.empty(c, dtype=pdt, device=xv.device) if need_b else None
+        dx = torch.empty_like(xv) if need_x else None
         if need_x or need_w or need_b:
-            p = buf.data_ptr()
-            _run(dev, _core.cpu_fused_backward, _core.cuda_fused_backward, dy.data_ptr(),
-                 xv.data_ptr(), _DT[xv.dtype], g, p + 8 * (2 * c + 1), p + 8 * (3 * c + 1),
-                 _ptr(weight), _DT[pdt], p, p + 8, _ptr(gw), _ptr(gb), _ptr(dx))
+            p = ctx.buf.data_ptr()
+            args = (dy.data_ptr(), xv.data_ptr(), _DT[xv.dtype], g, p + 8 * (2 * c + 1),
+                    p + 8 * (3 * c + 1), _ptr(weight), _DT[pdt], p, p + 8, _ptr(gw), _ptr(gb),
+                    _ptr(dx))
+            if xv.is_cuda:
+                _run(xv.device, None, _core.cuda_fused_backward, *args)
+            else:
+                _core.cpu_fused_backward(*args, torch.get_num_threads())
         dx, gw, gb = _first_order_only(ctx, (dx, gw, gb), dy)
         return dx, gw, gb, None, None, None, None, None
 
