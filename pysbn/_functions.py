@@ -295,9 +295,10 @@ class LocalBatchNormFunction(torch.autograd.Function):
             _core.cpu_fused_forward(*args, torch.get_num_threads())
         ctx.param_dtype = pdt
         ctx.geometry = g
-        ctx.buf = buf  # internal (never handed out): needs no version tracking
-        # The tensor the kernels read: x itself, or its dense copy (the backward reuses it).
-        ctx.save_for_backward(xv, weight)
+        # The tensor the kernels read (x itself, or its dense copy, which the backward reuses),
+        # and the statistics buffer (saved, not a ctx attribute, so saved-tensor hooks and
+        # memory accounting see it).
+        ctx.save_for_backward(xv, weight, buf)
         return y
 
     @staticmethod
@@ -309,7 +310,7 @@ class LocalBatchNormFunction(torch.autograd.Function):
         tuple
             ``(dx, grad_weight, grad_bias)`` (each None where not needed) and five None.
         """
-        xv, weight = ctx.saved_tensors
+        xv, weight, buf = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         g = ctx.geometry
         c = g[1]
@@ -319,7 +320,7 @@ class LocalBatchNormFunction(torch.autograd.Function):
         gb = torch.empty(c, dtype=pdt, device=xv.device) if need_b else None
         dx = torch.empty_like(xv) if need_x else None
         if need_x or need_w or need_b:
-            p = ctx.buf.data_ptr()
+            p = buf.data_ptr()
             args = (dy.data_ptr(), xv.data_ptr(), _DT[xv.dtype], g, p + 8 * (2 * c + 1),
                     p + 8 * (3 * c + 1), _ptr(weight), _DT[pdt], p, p + 8, _ptr(gw), _ptr(gb),
                     _ptr(dx))

@@ -16,10 +16,11 @@
 //   m = the running lane means; either is verified and redone exactly (per-block shifts,
 //   corrected two-pass) when the data's mean turns out far from m. Blocks, ranges and threads
 //   are merged with Chan's formula in double.
-// - Second passes (normalize after moments, backward_elemt after backward_reduce) walk each
-//   thread's range forwards, over the same range as the first pass. (Walking it backwards, to
-//   meet the first pass's last data in cache first, won on a Zen 5 VM but lost 3x on a Zen 4
-//   VM, whose prefetchers do not follow descending streams: channels-last normalize of
+// - Second passes (normalize after moments, backward_elemt after backward_reduce) cover the same
+//   range as the first pass, in chunks of about 1 MiB taken last chunk first, each chunk walked
+//   forwards: they meet the first pass's last data in cache first, and the streams stay
+//   ascending. (Walking the whole range backwards won on a Zen 5 VM but lost 3x on a Zen 4 VM,
+//   whose prefetchers do not follow descending streams: channels-last normalize of
 //   (64,256,14,14) took 3.0 ms backwards and 0.9 ms forwards on one thread.)
 #include "common.hpp"
 
@@ -388,6 +389,31 @@ inline void cm_for_planes(const Geometry& g, int tid, int nt, F&& f)
   }
 }
 
+/// Like cm_for_planes, but the range is cut into chunks of about kTailChunkBytes, visited last
+/// chunk first, each chunk in memory order: a second pass over data the first pass just read
+/// (normalize after moments, backward_elemt after backward_reduce) then starts with what is
+/// still in the cache, and every stream still runs forwards. Measured on the Zen 4 VM, fused
+/// forward+backward, 2 threads: 5-18% faster on 12-26 MB inputs, neutral on 103 MB.
+constexpr int64_t kTailChunkBytes = int64_t{1} << 20;
+template <class F>
+inline void cm_for_planes_tail_first(const Geometry& g, int64_t elem_bytes, int tid, int nt, F&& f)
+{
+  int64_t pb, pe;
+  split(g.n * g.c, tid, nt, pb, pe);
+  const int64_t per = std::max<int64_t>(1, kTailChunkBytes / std::max<int64_t>(1, g.l * elem_bytes));
+  for (int64_t hi = pe; hi > pb;) {
+    const int64_t lo = std::max(pb, hi - per);
+    int64_t n = lo / g.c, c = lo % g.c;
+    for (int64_t p = lo; p < hi; ++p) {
+      f(n, c, p * g.l);
+      if (++c == g.c) {
+        c = 0;
+        ++n;
+      }
+    }
+    hi = lo;
+  }
+}
 
 // ---- channels-last row loops -------------------------------------------------------------------
 // Accumulators for a tile of kTile lanes stay in registers across the rows of a block; the
@@ -523,6 +549,29 @@ inline void cl_for_blocks(const ClPlan& p, int64_t c, int tid, int nt, F&& f)
     f(rb + s0 * p.k, s1 - s0, p.w);
   }
   if (tail_rows > 0) { f(tail_first, tail_rows, c); }
+}
+
+/// cl_for_blocks for second passes: the blocks in chunks of about kTailChunkBytes, the last
+/// chunk (with the tail rows) first, each chunk in memory order (see cm_for_planes_tail_first).
+template <class F>
+inline void cl_for_blocks_tail_first(const ClPlan& p, int64_t c, int64_t elem_bytes, int tid, int nt, F&& f)
+{
+  int64_t rb, re;
+  split(p.rows, tid, nt, rb, re);
+  const int64_t nsuper = (re - rb) / p.k;
+  const int64_t nblocks = (nsuper + p.block - 1) / p.block;
+  const int64_t tail_first = rb + nsuper * p.k, tail_rows = re - tail_first;
+  const int64_t per = std::max<int64_t>(1, kTailChunkBytes / std::max<int64_t>(1, p.block * p.w * elem_bytes));
+  if (tail_rows > 0 && nblocks == 0) { f(tail_first, tail_rows, c); }
+  for (int64_t hi = nblocks; hi > 0;) {
+    const int64_t lo = std::max<int64_t>(0, hi - per);
+    for (int64_t b = lo; b < hi; ++b) {
+      const int64_t s0 = b * p.block, s1 = std::min(nsuper, s0 + p.block);
+      f(rb + s0 * p.k, s1 - s0, p.w);
+    }
+    if (hi == nblocks && tail_rows > 0) { f(tail_first, tail_rows, c); }
+    hi = lo;
+  }
 }
 
 inline bool use_rows(const Geometry& g) { return g.layout == Layout::ChannelsLast || g.l == 1; }
@@ -716,7 +765,7 @@ void normalize_impl(const T* x, const Geometry& g, const double* mean, const dou
   }
   if (!use_rows(g)) {
     parallel(cm_threads(g, num_threads), [&](int tid, int nt) {
-      cm_for_planes(g, tid, nt, [&](int64_t, int64_t c, int64_t off) {
+      cm_for_planes_tail_first(g, sizeof(T), tid, nt, [&](int64_t, int64_t c, int64_t off) {
         const A mh = sm.hi[c], ac = a[c], bc = b[c];
         const T* __restrict xp = x + off;
         T* __restrict yp = y + off;
@@ -732,7 +781,7 @@ void normalize_impl(const T* x, const Geometry& g, const double* mean, const dou
     const A* __restrict ph = hw.data();
     const A* __restrict pa = aw.data();
     const A* __restrict pb = bw.data();
-    cl_for_blocks(p, C, tid, nt, [&](int64_t r0, int64_t nrows, int64_t w) {
+    cl_for_blocks_tail_first(p, C, sizeof(T), tid, nt, [&](int64_t r0, int64_t nrows, int64_t w) {
       for (int64_t i = 0; i < nrows; ++i) {
         const int64_t off = r0 * C + i * w;
         const T* __restrict xr = x + off;
@@ -862,7 +911,7 @@ void elemt_impl(const T* dy, const T* x, const Geometry& g, const double* mean, 
   }
   if (!use_rows(g)) {
     parallel(cm_threads(g, num_threads), [&](int tid, int nt) {
-      cm_for_planes(g, tid, nt, [&](int64_t, int64_t c, int64_t off) {
+      cm_for_planes_tail_first(g, 2 * sizeof(T), tid, nt, [&](int64_t, int64_t c, int64_t off) {
         const A mh = sm.hi[c], a1 = k1[c], a2 = k2[c], a3 = k3[c];
         const T* __restrict d = dy + off;
         const T* __restrict xp = x + off;
@@ -881,7 +930,7 @@ void elemt_impl(const T* dy, const T* x, const Geometry& g, const double* mean, 
     const A* __restrict q1 = w1.data();
     const A* __restrict q2 = w2.data();
     const A* __restrict q3 = w3.data();
-    cl_for_blocks(p, C, tid, nt, [&](int64_t r0, int64_t nrows, int64_t w) {
+    cl_for_blocks_tail_first(p, C, 2 * sizeof(T), tid, nt, [&](int64_t r0, int64_t nrows, int64_t w) {
       // One row per pass. (Two rows per pass, sharing the coefficient loads, was faster on a
       // Zen 5 and 1.7x slower on a Zen 4 VM: 3.4 vs 2.0 ms for (64,256,14,14), one thread.)
       for (int64_t i = 0; i < nrows; ++i) {

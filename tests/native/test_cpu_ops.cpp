@@ -445,6 +445,9 @@ std::vector<OpCase> op_cases()
       for (const auto& s : small) { out.push_back({dp[0], dp[1], lay, s[0], s[1], s[2]}); }
       if (!big_too) { continue; }
       for (const auto& s : big) { out.push_back({dp[0], dp[1], lay, s[0], s[1], s[2]}); }
+      // Over 1 MiB per thread: the second passes (normalize, backward_elemt) visit their range
+      // in several chunks, the last one first.
+      if (dp[0] == DType::Float32 && dp[1] == DType::Float32) { out.push_back({dp[0], dp[1], lay, 8, 16, 4100}); }
     }
   }
   return out;
