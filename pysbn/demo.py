@@ -245,12 +245,21 @@ def _init(backend: str, rank: int, world: int, init_method: str) -> None:
                             timeout=datetime.timedelta(seconds=PG_TIMEOUT_S))
 
 
+def _all_done() -> None:
+    """A barrier after a finished run, before the process group is torn down: no rank closes
+    its connections while another still has collectives in flight (a rank that tore down early
+    made its peer abort at exit, "terminate called without an active exception", about once in
+    tens of Gloo runs). Only after success: after a failure the peers may never arrive."""
+    dist.barrier()
+
+
 def _child(rank: int, world: int, store: str, use_cuda: bool, threads: int, args) -> None:
     """Entry of a process started by :func:`main` (torch.multiprocessing)."""
     torch.set_num_threads(threads)
     _init("nccl" if use_cuda else "gloo", rank, world, f"file://{store}")
     try:
         code = _train(rank, world, rank, use_cuda, args)
+        _all_done()
     finally:
         dist.destroy_process_group()
     if code:
@@ -305,7 +314,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return 2
         _init("nccl" if use_cuda else "gloo", rank, world, "env://")
         try:
-            return _train(rank, world, local_rank, use_cuda, args)
+            code = _train(rank, world, local_rank, use_cuda, args)
+            _all_done()
+            return code
         finally:
             dist.destroy_process_group()
 
