@@ -289,10 +289,7 @@ class LocalBatchNormFunction(torch.autograd.Function):
                 _ptr(running_var),
                 _DT[running_mean.dtype] if running_mean is not None else _DT[_STATS], factor,
                 _ptr(num_batches_tracked), y.data_ptr())
-        if x.is_cuda:
-            _run(x.device, None, _core.cuda_fused_forward, *args)
-        else:
-            _core.cpu_fused_forward(*args, torch.get_num_threads())
+        _run(x.device, _core.cpu_fused_forward, _core.cuda_fused_forward, *args)
         ctx.param_dtype = pdt
         ctx.geometry = g
         # The tensor the kernels read (x itself, or its dense copy, which the backward reuses),
@@ -324,10 +321,7 @@ class LocalBatchNormFunction(torch.autograd.Function):
             args = (dy.data_ptr(), xv.data_ptr(), _DT[xv.dtype], g, p + 8 * (2 * c + 1),
                     p + 8 * (3 * c + 1), _ptr(weight), _DT[pdt], p, p + 8, _ptr(gw), _ptr(gb),
                     _ptr(dx))
-            if xv.is_cuda:
-                _run(xv.device, None, _core.cuda_fused_backward, *args)
-            else:
-                _core.cpu_fused_backward(*args, torch.get_num_threads())
+            _run(xv.device, _core.cpu_fused_backward, _core.cuda_fused_backward, *args)
         dx, gw, gb = _first_order_only(ctx, (dx, gw, gb), dy)
         return dx, gw, gb, None, None, None, None, None
 
