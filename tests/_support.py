@@ -127,3 +127,21 @@ def run_group(world, cases, folder, join_timeout, env=None, log_tail=3000):
             "results": json.loads(res_file.read_text()) if res_file.exists() else {},
             "log": log_text}
     return out
+
+
+def case_problems(group, case):
+    """What went wrong with ``case`` on each rank of a :func:`run_group` result: one line per
+    rank that did not report "ok" (its status, or why it reported nothing, with its log tail);
+    empty when every rank passed."""
+    problems = []
+    for rank, r in group["ranks"].items():
+        status = r["results"].get(case)
+        if status == "ok":
+            continue
+        if status is None:
+            why = "timed out" if group["timed_out"] else f"exit code {r['rc']}"
+            problems.append(f"rank {rank}: no result ({why}); log tail:\n{r['log']}")
+        else:
+            problems.append(f"rank {rank}: {status}")
+    return problems
+

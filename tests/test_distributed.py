@@ -24,7 +24,7 @@ import sys
 
 import pytest
 
-from _support import run_group
+from _support import case_problems, run_group
 
 JOIN_TIMEOUT_S = 150  # the whole group; then every rank is killed
 
@@ -54,16 +54,7 @@ def groups(tmp_path_factory):
                          ids=[f"{w}procs-{c}" for w, cs in SUITES.items() for c in cs])
 def test_distributed(groups, world, case):
     g = groups(world)
-    problems = []
-    for rank, r in g["ranks"].items():
-        status = r["results"].get(case)
-        if status == "ok":
-            continue
-        if status is None:
-            why = "timed out" if g["timed_out"] else f"exit code {r['rc']}"
-            problems.append(f"rank {rank}: no result ({why}); log tail:\n{r['log']}")
-        else:
-            problems.append(f"rank {rank}: {status}")
+    problems = case_problems(g, case)
     assert not problems, f"{world} processes, case {case}:\n" + "\n".join(problems)
 
 

@@ -37,7 +37,8 @@ import torch
 from torch import nn
 
 import pysbn
-from _support import close, make_replicas, randomize, results, run_group, run_threads
+from _support import (case_problems, close, make_replicas, randomize, results, run_group,
+                      run_threads)
 from pysbn import _core
 
 
@@ -539,17 +540,8 @@ def test_process_group_two_ranks(cuda_groups, backend, case):
     if not dist.is_available() or not getattr(dist, f"is_{backend}_available")():
         pytest.skip(f"torch.distributed backend {backend} not available")
     g = cuda_groups(backend)
-    problems = []
+    problems = case_problems(g, case)
     evidence = "".join(r["log"] + json.dumps(r["results"]) for r in g["ranks"].values())
-    for rank, r in g["ranks"].items():
-        status = r["results"].get(case)
-        if status == "ok":
-            continue
-        if status is None:
-            why = "timed out" if g["timed_out"] else f"exit code {r['rc']}"
-            problems.append(f"rank {rank}: no result ({why}); log tail:\n{r['log']}")
-        else:
-            problems.append(f"rank {rank}: {status}")
     if problems and backend == "nccl" and torch.cuda.device_count() < 2 and (
             "Duplicate GPU" in evidence or "ncclInvalidUsage" in evidence):
         pytest.skip("NCCL refuses two ranks of one communicator on the same GPU (Duplicate GPU "
