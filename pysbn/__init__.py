@@ -10,11 +10,14 @@ of a torch.distributed process group (DDP, torchrun; NCCL or Gloo), on a native 
 # runtime and the process has a single OpenMP thread pool.
 import torch  # noqa: F401  (imported for its side effect, before _core)
 
-from . import _core
+from . import ops  # registers the op set with torch (torch.ops.pysbn.*)
 from . import functional
-from .sync import SyncAbortedError, get_sync_timeout, set_sync_timeout
+from .sync import (SyncAbortedError, get_sync_check, get_sync_timeout, set_sync_check,
+                   set_sync_timeout)
 from .batchnorm import (
     ChannelMismatchError,
+    SynchronizedBatchNorm,
+    SynchronizedBatchNormAct2d,
     SynchronizedBatchNorm1d,
     SynchronizedBatchNorm2d,
     SynchronizedBatchNorm3d,
@@ -31,12 +34,14 @@ from .replicate import (
     patch_replication_callback,
 )
 
-__version__ = _core.version()
+__version__ = ops.core_version()
 
 __all__ = [
     "SynchronizedBatchNorm1d",
     "SynchronizedBatchNorm2d",
     "SynchronizedBatchNorm3d",
+    "SynchronizedBatchNorm",
+    "SynchronizedBatchNormAct2d",
     "DataParallelWithCallback",
     "patch_replication_callback",
     "execute_replication_callbacks",
@@ -48,8 +53,11 @@ __all__ = [
     "get_sbn_eps_mode",
     "set_sync_timeout",
     "get_sync_timeout",
+    "set_sync_check",
+    "get_sync_check",
     "SyncAbortedError",
     "ChannelMismatchError",
     "functional",
+    "ops",
     "__version__",
 ]

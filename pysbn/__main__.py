@@ -7,7 +7,7 @@ import sys
 
 import torch
 
-from . import _core
+from . import ops
 
 
 def info() -> int:
@@ -15,9 +15,9 @@ def info() -> int:
     import os
     import platform
 
-    print(f"pysbn {_core.version()} ({os.path.dirname(os.path.abspath(__file__))})")
-    cuda = (f"yes, archs {_core.cuda_architectures()}" if _core.built_with_cuda() else "no")
-    print(f"  native core: CUDA {cuda}; OpenMP {'yes' if _core.built_with_openmp() else 'no'}")
+    print(f"pysbn {ops.core_version()} ({os.path.dirname(os.path.abspath(__file__))})")
+    cuda = (f"yes, archs {ops.cuda_architectures()}" if ops.built_with_cuda() else "no")
+    print(f"  native core: CUDA {cuda}; OpenMP {'yes' if ops.built_with_openmp() else 'no'}")
     print(f"  python {platform.python_version()}, torch {torch.__version__} (CUDA "
           f"{torch.version.cuda or 'none'}), {torch.get_num_threads()} CPU thread(s) of "
           f"{os.cpu_count()} core(s)")
@@ -34,12 +34,12 @@ def info() -> int:
             p = torch.cuda.get_device_properties(i)
             print(f"  cuda:{i} {p.name}, sm_{p.major}{p.minor}, {p.total_memory / 2**30:.0f} GiB, "
                   f"cuDNN {torch.backends.cudnn.version()}")
-        if not _core.built_with_cuda():
+        if not ops.built_with_cuda():
             print("  note: this pysbn build has no CUDA; CUDA tensors raise a clear error "
                   "(rebuild with nvcc on PATH)")
     else:
         print("  no CUDA device" + (" (the CUDA build still runs on CPU)"
-                                    if _core.built_with_cuda() else ""))
+                                    if ops.built_with_cuda() else ""))
     return 0
 
 

@@ -2,37 +2,30 @@
 # cython: language_level=3, embedsignature=True
 """Thin bindings of the pysbn native core (``<pysbn/core.hpp>``).
 
-Every op exists twice, ``cpu_<op>`` (host memory, ``num_threads`` OpenMP threads) and
-``cuda_<op>`` (device memory, enqueued asynchronously on ``stream``, a ``cudaStream_t`` given as
-an int; 0 is the legacy default stream). Arguments are plain ints: data pointers
-(``tensor.data_ptr()``), element types (``DTYPE_*``), layouts (``LAYOUT_*``), eps modes
-(``EPS_*``); a geometry is a 4-sequence ``(n, c, l, layout)``. Pointers to optional arrays
-(weight, bias, running stats, grad_weight, grad_bias) are 0 when absent.
+One wrapper per op. The header's small structs travel as tuples of plain ints and floats
+(pointers are ``tensor.data_ptr()`` values, 0 for an absent optional array):
 
-These wrappers check nothing beyond the conversion of their arguments (the tensor layer,
-``pysbn.functional``, checks tensors first); the core validates its arguments and throws
-``std::invalid_argument`` (raised here as ``ValueError``) or ``std::runtime_error`` (raised
-as ``RuntimeError``, e.g. a ``cuda_*`` op in a build without CUDA). Each wrapper converts its
+- view ``(data, dtype, n, c, l, layout)``: an input tensor (``TensorView``);
+- exec ``(device, num_threads, stream)``: ``DEVICE_CPU`` with OpenMP threads, or
+  ``DEVICE_CUDA`` with a ``cudaStream_t`` as an int (0: the legacy default stream);
+- affine / grad ``(weight, bias, dtype)``: parameters or their gradients, with the param dtype;
+- act ``(kind, negative_slope)``: the activation after the affine map (``ACT_*``);
+- running ``(mean, var, dtype, momentum, cumulative, num_batches_tracked)``.
+
+These wrappers check nothing beyond the conversion of their arguments (the torch ops of
+:mod:`pysbn.ops` check tensors first); the core validates every argument and throws
+``std::invalid_argument`` (raised here as ``ValueError``) or ``std::runtime_error`` (raised as
+``RuntimeError``, e.g. a CUDA exec in a build without CUDA). Each wrapper converts its
 arguments, then releases the GIL for the whole native call. Memory is never allocated here:
 all outputs are caller-owned and must stay alive for the call (CPU) or until the stream has
-run the work (CUDA).
+run the work (CUDA). Only :mod:`pysbn.ops` imports this module.
 """
 
 from libc.stdint cimport int32_t, int64_t, uintptr_t
 
 cimport _lib
-from _lib cimport DType, EpsMode, Geometry, Layout
-
-__all__ = [
-    "DTYPE_FLOAT32", "DTYPE_FLOAT64", "DTYPE_FLOAT16", "DTYPE_BFLOAT16",
-    "LAYOUT_CHANNEL_MAJOR", "LAYOUT_CHANNELS_LAST", "EPS_PLUS", "EPS_CLAMP",
-    "version", "built_with_cuda", "built_with_openmp", "cuda_architectures",
-    "acc_dtype", "dtype_size",
-    "cpu_sum_ft", "cpu_moments", "cpu_merge_moments", "cpu_finalize", "cpu_normalize",
-    "cpu_backward_reduce", "cpu_backward_elemt", "cpu_fused_forward", "cpu_fused_backward",
-    "cuda_sum_ft", "cuda_moments", "cuda_merge_moments", "cuda_finalize", "cuda_normalize",
-    "cuda_backward_reduce", "cuda_backward_elemt", "cuda_fused_forward", "cuda_fused_backward",
-]
+from _lib cimport (Act, Activation, Affine, AffineGrad, Device, DType, EpsMode, Exec, Layout,
+                   RunningStats, TensorView)
 
 # ---- enum values (from the header, not retyped) -------------------------------------------------
 DTYPE_FLOAT32 = <int32_t>DType.Float32
@@ -43,20 +36,79 @@ LAYOUT_CHANNEL_MAJOR = <int32_t>Layout.ChannelMajor
 LAYOUT_CHANNELS_LAST = <int32_t>Layout.ChannelsLast
 EPS_PLUS = <int32_t>EpsMode.Plus
 EPS_CLAMP = <int32_t>EpsMode.Clamp
+DEVICE_CPU = <int32_t>Device.CPU
+DEVICE_CUDA = <int32_t>Device.CUDA
+ACT_IDENTITY = <int32_t>Activation.Identity
+ACT_RELU = <int32_t>Activation.ReLU
+ACT_LEAKY_RELU = <int32_t>Activation.LeakyReLU
+ACT_SILU = <int32_t>Activation.SiLU
+ACT_GELU = <int32_t>Activation.GELU
+ACT_GELU_TANH = <int32_t>Activation.GELUTanh
+ACT_HARDSWISH = <int32_t>Activation.Hardswish
 
 
-cdef Geometry _geometry(object geometry) except *:
-    """(n, c, l, layout) -> Geometry; the core checks the values."""
-    cdef Geometry g
-    n, c, l, layout = geometry
-    g.n = n
-    g.c = c
-    g.l = l
-    g.layout = <Layout><int32_t>layout
+# ---- tuple -> struct ----------------------------------------------------------------------------
+
+cdef TensorView _view(tuple v) except *:
+    cdef TensorView t
+    data, dtype, n, c, l, layout = v
+    t.data = <const void*><uintptr_t>data
+    t.dtype = <DType><int32_t>dtype
+    t.geometry.n = n
+    t.geometry.c = c
+    t.geometry.l = l
+    t.geometry.layout = <Layout><int32_t>layout
+    return t
+
+
+cdef Exec _exec(tuple v) except *:
+    cdef Exec e
+    device, num_threads, stream = v
+    e.device = <Device><int32_t>device
+    e.num_threads = num_threads
+    e.stream = <void*><uintptr_t>stream
+    return e
+
+
+cdef Affine _affine(tuple v) except *:
+    cdef Affine a
+    weight, bias, dtype = v
+    a.weight = <const void*><uintptr_t>weight
+    a.bias = <const void*><uintptr_t>bias
+    a.dtype = <DType><int32_t>dtype
+    return a
+
+
+cdef AffineGrad _grad(tuple v) except *:
+    cdef AffineGrad g
+    weight, bias, dtype = v
+    g.weight = <void*><uintptr_t>weight
+    g.bias = <void*><uintptr_t>bias
+    g.dtype = <DType><int32_t>dtype
     return g
 
 
-# ---- build information --------------------------------------------------------------------------
+cdef Act _act(tuple v) except *:
+    cdef Act a
+    kind, negative_slope = v
+    a.kind = <Activation><int32_t>kind
+    a.negative_slope = negative_slope
+    return a
+
+
+cdef RunningStats _running(tuple v) except *:
+    cdef RunningStats r
+    mean, var, dtype, momentum, cumulative, tracked = v
+    r.mean = <void*><uintptr_t>mean
+    r.var = <void*><uintptr_t>var
+    r.dtype = <DType><int32_t>dtype
+    r.momentum = momentum
+    r.cumulative = cumulative
+    r.num_batches_tracked = <int64_t*><uintptr_t>tracked
+    return r
+
+
+# ---- build information and sizes ----------------------------------------------------------------
 
 cpdef str version():
     """Version string of the native core ("major.minor.patch")."""
@@ -64,7 +116,7 @@ cpdef str version():
 
 
 cpdef bint built_with_cuda():
-    """True when the core was compiled with CUDA kernels (the ``cuda_*`` ops work)."""
+    """True when the core was compiled with CUDA kernels (``DEVICE_CUDA`` works)."""
     return _lib.built_with_cuda()
 
 
@@ -88,213 +140,115 @@ cpdef int64_t dtype_size(int dtype):
     return _lib.dtype_size(<DType><int32_t>dtype)
 
 
-# ---- cpu:: ops ----------------------------------------------------------------------------------
+cpdef int64_t record_size(int64_t c):
+    """Doubles in a moments record ``[count, mean[C], m2[C]]``."""
+    return _lib.record_size(c)
 
-cpdef void cpu_sum_ft(uintptr_t x, int dtype, object geometry, uintptr_t out,
-                      int num_threads) except *:
-    """Per-channel sum of x: ``out[c]`` (C float64 values) = sum over (n, l) of x."""
-    cdef Geometry g = _geometry(geometry)
+
+cpdef int64_t stats_size(int64_t c):
+    """Doubles in the batch statistics ``[count, mean[C], m2[C], invstd[C]]``."""
+    return _lib.stats_size(c)
+
+
+cpdef int64_t sums_size(int64_t c):
+    """Doubles in a grad-sums record ``[sum_dy[C], sum_dy_xmu[C]]``."""
+    return _lib.sums_size(c)
+
+
+# ---- the ops ------------------------------------------------------------------------------------
+
+cpdef void sum_ft(tuple x, uintptr_t out, tuple exec) except *:
+    """Per-channel sum of x into ``out`` (C float64 values)."""
+    cdef TensorView xv = _view(x)
+    cdef Exec e = _exec(exec)
     with nogil:
-        _lib.cpu_sum_ft(<const void*>x, <DType>dtype, g, <double*>out, num_threads)
+        _lib.sum_ft(xv, <double*>out, e)
 
 
-cpdef void cpu_moments(uintptr_t x, int dtype, object geometry, uintptr_t stats,
-                       int num_threads) except *:
-    """Moments record of x into ``stats`` (2C+1 float64 values): [count = N*L, mean[C], m2[C]]."""
-    cdef Geometry g = _geometry(geometry)
+cpdef void moments(tuple x, uintptr_t record, tuple exec) except *:
+    """Moments record of x into ``record`` (2C+1 float64 values)."""
+    cdef TensorView xv = _view(x)
+    cdef Exec e = _exec(exec)
     with nogil:
-        _lib.cpu_moments(<const void*>x, <DType>dtype, g, <double*>stats, num_threads)
+        _lib.moments(xv, <double*>record, e)
 
 
-cpdef void cpu_merge_moments(int64_t k, int64_t c, uintptr_t records,
-                             uintptr_t out) except *:
-    """Chan merge of ``k`` moments records (k*(2C+1) float64 values back to back) into ``out``."""
+cpdef void merge_moments(int64_t k, int64_t c, uintptr_t records, uintptr_t record,
+                         tuple exec) except *:
+    """Chan merge of ``k`` records (k*(2C+1) float64 values back to back) into ``record``."""
+    cdef Exec e = _exec(exec)
     with nogil:
-        _lib.cpu_merge_moments(k, c, <const double*>records, <double*>out)
+        _lib.merge_moments(k, c, <const double*>records, <double*>record, e)
 
 
-cpdef void cpu_finalize(int64_t c, uintptr_t stats, double eps, int eps_mode,
-                        uintptr_t mean, uintptr_t invstd, uintptr_t running_mean,
-                        uintptr_t running_var, int param_dtype, double factor) except *:
-    """From a moments record, write mean[C] and invstd[C] (float64) and, when the running-stat
-    pointers are not 0, update them in place (param dtype) with ``factor`` and unbiased var."""
+cpdef void finalize(int64_t c, uintptr_t record, double eps, int mode, uintptr_t stats,
+                    tuple running, tuple exec) except *:
+    """Batch statistics (3C+1 float64 values) of a record into ``stats``; running update."""
+    cdef RunningStats r = _running(running)
+    cdef Exec e = _exec(exec)
     with nogil:
-        _lib.cpu_finalize(c, <const double*>stats, eps, <EpsMode>eps_mode,
-                          <double*>mean, <double*>invstd, <void*>running_mean, <void*>running_var,
-                          <DType>param_dtype, factor)
+        _lib.finalize(c, <const double*>record, eps, <EpsMode><int32_t>mode, <double*>stats, r, e)
 
 
-cpdef void cpu_normalize(uintptr_t x, int dtype, object geometry, uintptr_t mean,
-                         uintptr_t invstd, uintptr_t weight, uintptr_t bias, int param_dtype,
-                         uintptr_t y, int num_threads) except *:
-    """``y = (x - mean[c]) * invstd[c] * weight[c] + bias[c]``; weight/bias 0 mean 1 and 0."""
-    cdef Geometry g = _geometry(geometry)
+cpdef void normalize(tuple x, uintptr_t stats, tuple affine, tuple act, uintptr_t y,
+                     tuple exec) except *:
+    """``y = act((x - mean) * invstd * weight + bias)`` with the batch statistics ``stats``."""
+    cdef TensorView xv = _view(x)
+    cdef Affine a = _affine(affine)
+    cdef Act f = _act(act)
+    cdef Exec e = _exec(exec)
     with nogil:
-        _lib.cpu_normalize(<const void*>x, <DType>dtype, g, <const double*>mean,
-                           <const double*>invstd, <const void*>weight, <const void*>bias,
-                           <DType>param_dtype, <void*>y, num_threads)
+        _lib.normalize(xv, <const double*>stats, a, f, <void*>y, e)
 
 
-cpdef void cpu_backward_reduce(uintptr_t dy, uintptr_t x, int dtype, object geometry,
-                               uintptr_t mean, uintptr_t invstd, uintptr_t sums,
-                               uintptr_t grad_weight, uintptr_t grad_bias, int param_dtype,
-                               int num_threads) except *:
-    """Grad-sums record [sum_dy[C], sum_dy_xmu[C]] into ``sums``; grad_weight/grad_bias when
-    their pointers are not 0."""
-    cdef Geometry g = _geometry(geometry)
+cpdef void batch_norm_forward(tuple x, uintptr_t record, double eps, int mode, tuple affine,
+                              tuple act, uintptr_t stats, uintptr_t y, tuple running,
+                              tuple exec) except *:
+    """Training forward: stats (from ``record``, or x's own moments when 0), y, running update."""
+    cdef TensorView xv = _view(x)
+    cdef Affine a = _affine(affine)
+    cdef Act f = _act(act)
+    cdef RunningStats r = _running(running)
+    cdef Exec e = _exec(exec)
     with nogil:
-        _lib.cpu_backward_reduce(<const void*>dy, <const void*>x, <DType>dtype, g,
-                                 <const double*>mean, <const double*>invstd, <double*>sums,
-                                 <void*>grad_weight, <void*>grad_bias, <DType>param_dtype,
-                                 num_threads)
+        _lib.batch_norm_forward(xv, <const double*>record, eps, <EpsMode><int32_t>mode, a, f,
+                                <double*>stats, <void*>y, r, e)
 
 
-cpdef void cpu_backward_elemt(uintptr_t dy, uintptr_t x, int dtype, object geometry,
-                              uintptr_t mean, uintptr_t invstd, uintptr_t weight,
-                              int param_dtype, uintptr_t sums, uintptr_t count, uintptr_t dx,
-                              int num_threads) except *:
-    """``dx`` from the global grad-sums record ``sums`` and global ``count`` (one float64 value)."""
-    cdef Geometry g = _geometry(geometry)
+cpdef void backward_reduce(tuple x, uintptr_t dy, uintptr_t stats, tuple affine, tuple act,
+                           uintptr_t sums, tuple grad, tuple exec) except *:
+    """Local grad-sums record (2C float64 values) into ``sums``; parameter gradients."""
+    cdef TensorView xv = _view(x)
+    cdef Affine a = _affine(affine)
+    cdef Act f = _act(act)
+    cdef AffineGrad g = _grad(grad)
+    cdef Exec e = _exec(exec)
     with nogil:
-        _lib.cpu_backward_elemt(<const void*>dy, <const void*>x, <DType>dtype, g,
-                                <const double*>mean, <const double*>invstd, <const void*>weight,
-                                <DType>param_dtype, <const double*>sums, <const double*>count,
-                                <void*>dx, num_threads)
+        _lib.backward_reduce(xv, <const void*>dy, <const double*>stats, a, f, <double*>sums, g, e)
 
 
-cpdef void cpu_fused_forward(uintptr_t x, int dtype, object geometry, uintptr_t weight,
-                             uintptr_t bias, int param_dtype, double eps, int eps_mode,
-                             uintptr_t stats, uintptr_t mean, uintptr_t invstd,
-                             uintptr_t running_mean, uintptr_t running_var, int running_dtype,
-                             double factor, uintptr_t num_batches_tracked, uintptr_t y,
-                             int num_threads) except *:
-    """moments + finalize + normalize in one call (a member with nothing to synchronise); the
-    running stats (dtype ``running_dtype``) and ``num_batches_tracked`` (int64) are updated
-    last, when their pointers are not 0."""
-    cdef Geometry g = _geometry(geometry)
+cpdef void backward_elemt(tuple x, uintptr_t dy, uintptr_t stats, double eps, int mode,
+                          tuple affine, tuple act, uintptr_t sums, uintptr_t dx,
+                          tuple exec) except *:
+    """``dx`` from the global grad-sums record ``sums`` and the count of ``stats``."""
+    cdef TensorView xv = _view(x)
+    cdef Affine a = _affine(affine)
+    cdef Act f = _act(act)
+    cdef Exec e = _exec(exec)
     with nogil:
-        _lib.cpu_fused_forward(<const void*>x, <DType>dtype, g, <const void*>weight,
-                               <const void*>bias, <DType>param_dtype, eps, <EpsMode>eps_mode,
-                               <double*>stats, <double*>mean, <double*>invstd,
-                               <void*>running_mean, <void*>running_var, <DType>running_dtype,
-                               factor, <int64_t*>num_batches_tracked, <void*>y, num_threads)
+        _lib.backward_elemt(xv, <const void*>dy, <const double*>stats, eps,
+                            <EpsMode><int32_t>mode, a, f, <const double*>sums, <void*>dx, e)
 
 
-cpdef void cpu_fused_backward(uintptr_t dy, uintptr_t x, int dtype, object geometry,
-                              uintptr_t mean, uintptr_t invstd, uintptr_t weight,
-                              int param_dtype, uintptr_t count, uintptr_t sums,
-                              uintptr_t grad_weight, uintptr_t grad_bias, uintptr_t dx,
-                              int num_threads) except *:
-    """backward_reduce into ``sums`` then, when ``dx`` is not 0, backward_elemt with those
-    local sums and ``count`` (one float64 value)."""
-    cdef Geometry g = _geometry(geometry)
+cpdef void batch_norm_backward(tuple x, uintptr_t dy, uintptr_t stats, double eps, int mode,
+                               tuple affine, tuple act, uintptr_t sums, tuple grad,
+                               uintptr_t dx, tuple exec) except *:
+    """backward_reduce into ``sums`` then, when ``dx`` is not 0, backward_elemt with them."""
+    cdef TensorView xv = _view(x)
+    cdef Affine a = _affine(affine)
+    cdef Act f = _act(act)
+    cdef AffineGrad g = _grad(grad)
+    cdef Exec e = _exec(exec)
     with nogil:
-        _lib.cpu_fused_backward(<const void*>dy, <const void*>x, <DType>dtype, g,
-                                <const double*>mean, <const double*>invstd, <const void*>weight,
-                                <DType>param_dtype, <const double*>count, <double*>sums,
-                                <void*>grad_weight, <void*>grad_bias, <void*>dx, num_threads)
-
-
-# ---- cuda:: ops (same contracts; asynchronous on ``stream``) ------------------------------------
-
-cpdef void cuda_sum_ft(uintptr_t x, int dtype, object geometry, uintptr_t out,
-                       uintptr_t stream) except *:
-    """CUDA :func:`cpu_sum_ft`, enqueued on ``stream``."""
-    cdef Geometry g = _geometry(geometry)
-    with nogil:
-        _lib.cuda_sum_ft(<const void*>x, <DType>dtype, g, <double*>out, <void*>stream)
-
-
-cpdef void cuda_moments(uintptr_t x, int dtype, object geometry, uintptr_t stats,
-                        uintptr_t stream) except *:
-    """CUDA :func:`cpu_moments`, enqueued on ``stream``."""
-    cdef Geometry g = _geometry(geometry)
-    with nogil:
-        _lib.cuda_moments(<const void*>x, <DType>dtype, g, <double*>stats, <void*>stream)
-
-
-cpdef void cuda_merge_moments(int64_t k, int64_t c, uintptr_t records, uintptr_t out,
-                              uintptr_t stream) except *:
-    """CUDA :func:`cpu_merge_moments`, enqueued on ``stream``."""
-    with nogil:
-        _lib.cuda_merge_moments(k, c, <const double*>records, <double*>out,
-                                <void*>stream)
-
-
-cpdef void cuda_finalize(int64_t c, uintptr_t stats, double eps, int eps_mode,
-                         uintptr_t mean, uintptr_t invstd, uintptr_t running_mean,
-                         uintptr_t running_var, int param_dtype, double factor,
-                         uintptr_t stream) except *:
-    """CUDA :func:`cpu_finalize`, enqueued on ``stream``."""
-    with nogil:
-        _lib.cuda_finalize(c, <const double*>stats, eps, <EpsMode>eps_mode,
-                           <double*>mean, <double*>invstd, <void*>running_mean, <void*>running_var,
-                           <DType>param_dtype, factor, <void*>stream)
-
-
-cpdef void cuda_normalize(uintptr_t x, int dtype, object geometry, uintptr_t mean,
-                          uintptr_t invstd, uintptr_t weight, uintptr_t bias, int param_dtype,
-                          uintptr_t y, uintptr_t stream) except *:
-    """CUDA :func:`cpu_normalize`, enqueued on ``stream``."""
-    cdef Geometry g = _geometry(geometry)
-    with nogil:
-        _lib.cuda_normalize(<const void*>x, <DType>dtype, g, <const double*>mean,
-                            <const double*>invstd, <const void*>weight, <const void*>bias,
-                            <DType>param_dtype, <void*>y, <void*>stream)
-
-
-cpdef void cuda_backward_reduce(uintptr_t dy, uintptr_t x, int dtype, object geometry,
-                                uintptr_t mean, uintptr_t invstd, uintptr_t sums,
-                                uintptr_t grad_weight, uintptr_t grad_bias, int param_dtype,
-                                uintptr_t stream) except *:
-    """CUDA :func:`cpu_backward_reduce`, enqueued on ``stream``."""
-    cdef Geometry g = _geometry(geometry)
-    with nogil:
-        _lib.cuda_backward_reduce(<const void*>dy, <const void*>x, <DType>dtype, g,
-                                  <const double*>mean, <const double*>invstd, <double*>sums,
-                                  <void*>grad_weight, <void*>grad_bias, <DType>param_dtype,
-                                  <void*>stream)
-
-
-cpdef void cuda_backward_elemt(uintptr_t dy, uintptr_t x, int dtype, object geometry,
-                               uintptr_t mean, uintptr_t invstd, uintptr_t weight,
-                               int param_dtype, uintptr_t sums, uintptr_t count, uintptr_t dx,
-                               uintptr_t stream) except *:
-    """CUDA :func:`cpu_backward_elemt`, enqueued on ``stream``."""
-    cdef Geometry g = _geometry(geometry)
-    with nogil:
-        _lib.cuda_backward_elemt(<const void*>dy, <const void*>x, <DType>dtype, g,
-                                 <const double*>mean, <const double*>invstd, <const void*>weight,
-                                 <DType>param_dtype, <const double*>sums, <const double*>count,
-                                 <void*>dx, <void*>stream)
-
-
-cpdef void cuda_fused_forward(uintptr_t x, int dtype, object geometry, uintptr_t weight,
-                              uintptr_t bias, int param_dtype, double eps, int eps_mode,
-                              uintptr_t stats, uintptr_t mean, uintptr_t invstd,
-                              uintptr_t running_mean, uintptr_t running_var, int running_dtype,
-                              double factor, uintptr_t num_batches_tracked, uintptr_t y,
-                              uintptr_t stream) except *:
-    """CUDA :func:`cpu_fused_forward`, enqueued on ``stream``."""
-    cdef Geometry g = _geometry(geometry)
-    with nogil:
-        _lib.cuda_fused_forward(<const void*>x, <DType>dtype, g, <const void*>weight,
-                                <const void*>bias, <DType>param_dtype, eps, <EpsMode>eps_mode,
-                                <double*>stats, <double*>mean, <double*>invstd,
-                                <void*>running_mean, <void*>running_var, <DType>running_dtype,
-                                factor, <int64_t*>num_batches_tracked, <void*>y, <void*>stream)
-
-
-cpdef void cuda_fused_backward(uintptr_t dy, uintptr_t x, int dtype, object geometry,
-                               uintptr_t mean, uintptr_t invstd, uintptr_t weight,
-                               int param_dtype, uintptr_t count, uintptr_t sums,
-                               uintptr_t grad_weight, uintptr_t grad_bias, uintptr_t dx,
-                               uintptr_t stream) except *:
-    """CUDA :func:`cpu_fused_backward`, enqueued on ``stream``."""
-    cdef Geometry g = _geometry(geometry)
-    with nogil:
-        _lib.cuda_fused_backward(<const void*>dy, <const void*>x, <DType>dtype, g,
-                                 <const double*>mean, <const double*>invstd,
-                                 <const void*>weight, <DType>param_dtype, <const double*>count,
-                                 <double*>sums, <void*>grad_weight, <void*>grad_bias,
-                                 <void*>dx, <void*>stream)
+        _lib.batch_norm_backward(xv, <const void*>dy, <const double*>stats, eps,
+                                 <EpsMode><int32_t>mode, a, f, <double*>sums, g, <void*>dx, e)

@@ -2,9 +2,8 @@
 # cython: language_level=3
 # Declarations of the native core's public header <pysbn/core.hpp>; nothing else.
 #
-# The cpu:: and cuda:: ops share their names in C++, so each is declared here with a
-# prefixed Cython name and its fully qualified C++ name. Every op may throw
-# std::invalid_argument (-> ValueError) or std::runtime_error (-> RuntimeError): `except +`.
+# Every op may throw std::invalid_argument (-> ValueError) or std::runtime_error
+# (-> RuntimeError): `except +`.
 
 from libc.stdint cimport int32_t, int64_t
 from libcpp cimport bool
@@ -26,12 +25,60 @@ cdef extern from "pysbn/core.hpp" namespace "pysbn" nogil:
         Plus
         Clamp
 
+    enum class Device(int32_t):
+        CPU
+        CUDA
+
+    enum class Activation(int32_t):
+        Identity
+        ReLU
+        LeakyReLU
+        SiLU
+        GELU
+        GELUTanh
+        Hardswish
+
     struct Geometry:
         int64_t n
         int64_t c
         int64_t l
         Layout layout
 
+    struct TensorView:
+        const void* data
+        DType dtype
+        Geometry geometry
+
+    struct Exec:
+        Device device
+        int num_threads
+        void* stream
+
+    struct Affine:
+        const void* weight
+        const void* bias
+        DType dtype
+
+    struct AffineGrad:
+        void* weight
+        void* bias
+        DType dtype
+
+    struct Act:
+        Activation kind
+        double negative_slope
+
+    struct RunningStats:
+        void* mean
+        void* var
+        DType dtype
+        double momentum
+        bool cumulative
+        int64_t* num_batches_tracked
+
+    int64_t record_size(int64_t c)
+    int64_t stats_size(int64_t c)
+    int64_t sums_size(int64_t c)
     DType acc_dtype(DType d)
     int64_t dtype_size(DType d)
 
@@ -40,68 +87,24 @@ cdef extern from "pysbn/core.hpp" namespace "pysbn" nogil:
     bool built_with_openmp()
     const char* cuda_architectures()
 
-    # ---- cpu:: (host memory, OpenMP with num_threads threads) --------------------------------
-    void cpu_sum_ft "pysbn::cpu::sum_ft"(
-        const void* x, DType dtype, Geometry g, double* out, int num_threads) except +
-    void cpu_moments "pysbn::cpu::moments"(
-        const void* x, DType dtype, Geometry g, double* stats, int num_threads) except +
-    void cpu_merge_moments "pysbn::cpu::merge_moments"(
-        int64_t k, int64_t c, const double* records, double* out) except +
-    void cpu_finalize "pysbn::cpu::finalize"(
-        int64_t c, const double* stats, double eps, EpsMode mode, double* mean,
-        double* invstd, void* running_mean, void* running_var, DType param_dtype,
-        double factor) except +
-    void cpu_normalize "pysbn::cpu::normalize"(
-        const void* x, DType dtype, Geometry g, const double* mean, const double* invstd,
-        const void* weight, const void* bias, DType param_dtype, void* y,
-        int num_threads) except +
-    void cpu_backward_reduce "pysbn::cpu::backward_reduce"(
-        const void* dy, const void* x, DType dtype, Geometry g, const double* mean,
-        const double* invstd, double* sums, void* grad_weight, void* grad_bias,
-        DType param_dtype, int num_threads) except +
-    void cpu_backward_elemt "pysbn::cpu::backward_elemt"(
-        const void* dy, const void* x, DType dtype, Geometry g, const double* mean,
-        const double* invstd, const void* weight, DType param_dtype, const double* sums,
-        const double* count, void* dx, int num_threads) except +
-    void cpu_fused_forward "pysbn::cpu::fused_forward"(
-        const void* x, DType dtype, Geometry g, const void* weight, const void* bias,
-        DType param_dtype, double eps, EpsMode mode, double* stats, double* mean,
-        double* invstd, void* running_mean, void* running_var, DType running_dtype,
-        double factor, int64_t* num_batches_tracked, void* y, int num_threads) except +
-    void cpu_fused_backward "pysbn::cpu::fused_backward"(
-        const void* dy, const void* x, DType dtype, Geometry g, const double* mean,
-        const double* invstd, const void* weight, DType param_dtype, const double* count,
-        double* sums, void* grad_weight, void* grad_bias, void* dx, int num_threads) except +
-
-    # ---- cuda:: (device memory, enqueued on a cudaStream_t passed as void*) ------------------
-    void cuda_sum_ft "pysbn::cuda::sum_ft"(
-        const void* x, DType dtype, Geometry g, double* out, void* stream) except +
-    void cuda_moments "pysbn::cuda::moments"(
-        const void* x, DType dtype, Geometry g, double* stats, void* stream) except +
-    void cuda_merge_moments "pysbn::cuda::merge_moments"(
-        int64_t k, int64_t c, const double* records, double* out, void* stream) except +
-    void cuda_finalize "pysbn::cuda::finalize"(
-        int64_t c, const double* stats, double eps, EpsMode mode, double* mean,
-        double* invstd, void* running_mean, void* running_var, DType param_dtype,
-        double factor, void* stream) except +
-    void cuda_normalize "pysbn::cuda::normalize"(
-        const void* x, DType dtype, Geometry g, const double* mean, const double* invstd,
-        const void* weight, const void* bias, DType param_dtype, void* y,
-        void* stream) except +
-    void cuda_backward_reduce "pysbn::cuda::backward_reduce"(
-        const void* dy, const void* x, DType dtype, Geometry g, const double* mean,
-        const double* invstd, double* sums, void* grad_weight, void* grad_bias,
-        DType param_dtype, void* stream) except +
-    void cuda_backward_elemt "pysbn::cuda::backward_elemt"(
-        const void* dy, const void* x, DType dtype, Geometry g, const double* mean,
-        const double* invstd, const void* weight, DType param_dtype, const double* sums,
-        const double* count, void* dx, void* stream) except +
-    void cuda_fused_forward "pysbn::cuda::fused_forward"(
-        const void* x, DType dtype, Geometry g, const void* weight, const void* bias,
-        DType param_dtype, double eps, EpsMode mode, double* stats, double* mean,
-        double* invstd, void* running_mean, void* running_var, DType running_dtype,
-        double factor, int64_t* num_batches_tracked, void* y, void* stream) except +
-    void cuda_fused_backward "pysbn::cuda::fused_backward"(
-        const void* dy, const void* x, DType dtype, Geometry g, const double* mean,
-        const double* invstd, const void* weight, DType param_dtype, const double* count,
-        double* sums, void* grad_weight, void* grad_bias, void* dx, void* stream) except +
+    void sum_ft(const TensorView& x, double* out, const Exec& exec) except +
+    void moments(const TensorView& x, double* record, const Exec& exec) except +
+    void merge_moments(int64_t k, int64_t c, const double* records, double* record,
+                       const Exec& exec) except +
+    void finalize(int64_t c, const double* record, double eps, EpsMode mode, double* stats,
+                  const RunningStats& running, const Exec& exec) except +
+    void normalize(const TensorView& x, const double* stats, const Affine& affine, const Act& act,
+                   void* y, const Exec& exec) except +
+    void batch_norm_forward(const TensorView& x, const double* record, double eps, EpsMode mode,
+                            const Affine& affine, const Act& act, double* stats, void* y,
+                            const RunningStats& running, const Exec& exec) except +
+    void backward_reduce(const TensorView& x, const void* dy, const double* stats,
+                         const Affine& affine, const Act& act, double* sums,
+                         const AffineGrad& grad, const Exec& exec) except +
+    void backward_elemt(const TensorView& x, const void* dy, const double* stats, double eps,
+                        EpsMode mode, const Affine& affine, const Act& act, const double* sums,
+                        void* dx, const Exec& exec) except +
+    void batch_norm_backward(const TensorView& x, const void* dy, const double* stats,
+                             double eps, EpsMode mode, const Affine& affine, const Act& act,
+                             double* sums, const AffineGrad& grad, void* dx,
+                             const Exec& exec) except +

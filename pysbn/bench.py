@@ -37,7 +37,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from . import _core
+from . import ops
 from . import functional as PF
 from .batchnorm import SynchronizedBatchNorm1d, SynchronizedBatchNorm2d, SynchronizedBatchNorm3d
 
@@ -464,10 +464,10 @@ def environment(threads: Sequence[int]) -> dict:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "torch_threads_default": torch.get_num_threads(),
-        "pysbn": _core.version(),
-        "pysbn_cuda": _core.built_with_cuda(),
-        "pysbn_cuda_archs": _core.cuda_architectures() if _core.built_with_cuda() else None,
-        "pysbn_openmp": _core.built_with_openmp(),
+        "pysbn": ops.core_version(),
+        "pysbn_cuda": ops.built_with_cuda(),
+        "pysbn_cuda_archs": ops.cuda_architectures() if ops.built_with_cuda() else None,
+        "pysbn_openmp": ops.built_with_openmp(),
         "threads": list(threads),
         "allocator": os.environ.get("GLIBC_TUNABLES", "glibc default"),
         "transparent_hugepage": _read("/sys/kernel/mm/transparent_hugepage/enabled"),
@@ -926,9 +926,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             ap.error(f"--devices: expected cpu and/or cuda, got {d!r}")
         if d == "cuda" and not torch.cuda.is_available():
             ap.error("--devices cuda: no CUDA device is available")
-        if d == "cuda" and not _core.built_with_cuda():
+        if d == "cuda" and not ops.built_with_cuda():
             ap.error("--devices cuda: this pysbn build has no CUDA (see python -m pysbn info)")
-    if "cuda" in devices and not _core.built_with_cuda():
+    if "cuda" in devices and not ops.built_with_cuda():
         devices.remove("cuda")
         print("note: a GPU is present but pysbn was built without CUDA: CPU rows only",
               file=sys.stderr)

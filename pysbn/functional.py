@@ -1,24 +1,21 @@
 # SPDX-License-Identifier: MIT
-"""Tensor-level batch-norm ops of pysbn: name-free functions on torch tensors.
+"""Tensor-level batch-norm functions of pysbn, on the registered ops (:mod:`pysbn.ops`).
 
-Each function checks its tensors (types, dtypes, shapes, devices), allocates its outputs with
-torch (so torch's caching allocator owns the memory), and calls the CPU or CUDA op of the native
-core (:mod:`pysbn._core`) with raw pointers:
-
-- CPU tensors run with ``torch.get_num_threads()`` OpenMP threads;
-- CUDA tensors run asynchronously on ``torch.cuda.current_stream(device)``, with that device
-  current. No CUDA path synchronises the host (no ``.item()``, no device-to-host copy).
+Each function is one op of ``torch.ops.pysbn`` (or a few), so it works eagerly, under
+``torch.compile`` and under ``torch.export`` alike. The op checks its tensors (types, dtypes,
+shapes, devices), allocates its outputs with torch and runs the native core: CPU tensors with
+``torch.get_num_threads()`` OpenMP threads, CUDA tensors asynchronously on the current stream of
+their device, with no host synchronisation.
 
 The input ``x`` has shape ``(N, C, *spatial)`` with 0 to 3 spatial dims and is viewed as
-``(N, C, L)``, ``L`` the product of the spatial sizes. Dense channel-major (contiguous) and
-channels-last inputs are used in place; other strides are copied first (see :func:`_view`).
+``(N, C, L)``. Dense contiguous and channels_last inputs are used in place; other strides are
+copied first (:func:`pysbn.ops.dense`).
 
 Dtypes: ``x`` (and ``dy``, ``y``, ``dx``) is float32, float64, float16 or bfloat16; the kernels
 accumulate in float64 for float64 input and float32 otherwise (:func:`acc_dtype`). Per-channel
 statistics (moments records, mean, invstd, grad sums, counts) are float64 for every input dtype
-(:data:`STATS_DTYPE`): they are O(C), and float64 keeps the merge across replicas exact at
-large offsets. Parameters (weight, bias, running stats, grad_weight,
-grad_bias) have the *param dtype*: the input dtype, or float32 for float16/bfloat16 input.
+(:data:`STATS_DTYPE`). Parameters (weight, bias, running stats, grad_weight, grad_bias) have the
+*param dtype*: the input dtype, or float32 for float16/bfloat16 input.
 
 Record formats (the payloads exchanged when synchronising replicas):
 
@@ -34,7 +31,7 @@ from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
-from . import _core
+from . import ops
 
 __all__ = [
     "STATS_DTYPE",
@@ -48,23 +45,9 @@ __all__ = [
     "backward_elemt",
 ]
 
-STATS_DTYPE = torch.float64
+STATS_DTYPE = ops.STATS_DTYPE
 """Dtype of every per-channel statistic: moments records, mean, invstd, grad sums, counts."""
 
-Geometry = Tuple[int, int, int, int]
-"""``(n, c, l, layout)``: the (N, C, L) view of a dense tensor and its ``_core.LAYOUT_*``."""
-
-_DTYPES = {
-    torch.float32: _core.DTYPE_FLOAT32,
-    torch.float64: _core.DTYPE_FLOAT64,
-    torch.float16: _core.DTYPE_FLOAT16,
-    torch.bfloat16: _core.DTYPE_BFLOAT16,
-}
-_EPS_MODES = {"plus": _core.EPS_PLUS, "clamp": _core.EPS_CLAMP}
-_SUPPORTED = "float32, float64, float16 or bfloat16"
-
-
-# ---- checks -------------------------------------------------------------------------------------
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """Accumulation dtype of an input dtype: float64 for float64, float32 otherwise.
@@ -83,162 +66,6 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _param_dtype_ok(dtype: torch.dtype, param_dtype: torch.dtype) -> bool:
-    return param_dtype == dtype or (
-        param_dtype == torch.float32 and dtype in (torch.float16, torch.bfloat16))
-
-
-def _check_tensor(op: str, name: str, t: object) -> torch.Tensor:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.layout != torch.strided:
-        raise ValueError(f"{op}: {name} must be a dense (strided) tensor, got layout {t.layout}")
-    return t
-
-
-def _check_input(op: str, name: str, x: object) -> torch.Tensor:
-    """The input tensor: a float tensor of 2 to 5 dims on a device pysbn can run on."""
-    x = _check_tensor(op, name, x)
-    if x.dtype not in _DTYPES:
-        raise TypeError(f"{op}: {name} has dtype {x.dtype}; expected {_SUPPORTED}")
-    if not 2 <= x.dim() <= 5:
-        raise ValueError(f"{op}: {name} must have shape (N, C, *spatial) with 2 to 5 dims, "
-                         f"got shape {tuple(x.shape)}")
-    _check_device(op, name, x)
-    return x
-
-
-# Device types this build runs on (the fast checks of the layers compare against it).
-_RUNNABLE = ("cpu", "cuda") if _core.built_with_cuda() else ("cpu",)
-
-
-def _check_device(op: str, name: str, t: torch.Tensor) -> None:
-    kind = t.device.type
-    if kind == "cuda":
-        if not _core.built_with_cuda():
-            raise RuntimeError(f"{op}: {name} is a CUDA tensor but pysbn was built without CUDA; "
-                               "rebuild it with a CUDA compiler (PYSBN_WITH_CUDA=ON)")
-    elif kind != "cpu":
-        raise ValueError(f"{op}: {name} is on device {t.device}; pysbn runs on cpu and cuda only")
-
-
-def _same_device(op: str, name: str, t: torch.Tensor, ref: torch.Tensor, ref_name: str) -> None:
-    if t.device != ref.device:
-        raise ValueError(f"{op}: {name} is on {t.device} but {ref_name} is on {ref.device}; "
-                         "all tensors must be on the same device")
-
-
-def _per_channel(op: str, name: str, t: object, c: int, dtype: Optional[torch.dtype],
-                 ref: torch.Tensor, ref_name: str) -> torch.Tensor:
-    """A per-channel array: a tensor of shape (C,) (of ``dtype`` when given) on ref's device,
-    returned contiguous."""
-    t = _check_tensor(op, name, t)
-    if t.dim() != 1 or t.shape[0] != c:
-        raise ValueError(f"{op}: {name} must have shape ({c},), got {tuple(t.shape)}")
-    if dtype is not None and t.dtype != dtype:
-        raise TypeError(f"{op}: {name} has dtype {t.dtype}; expected {dtype}")
-    _same_device(op, name, t, ref, ref_name)
-    return t.contiguous()
-
-
-def _params(op: str, x: torch.Tensor, c: int, named: Sequence[Tuple[str, object]]
-            ) -> Tuple[torch.dtype, list]:
-    """Optional parameters (weight, bias): checked, made contiguous; their common param dtype
-    (the input dtype when all are None)."""
-    out, param_dtype, first = [], None, None
-    for name, t in named:
-        if t is None:
-            out.append(None)
-            continue
-        t = _per_channel(op, name, t, c, None, x, "input x")
-        if t.dtype not in _DTYPES or not _param_dtype_ok(x.dtype, t.dtype):
-            raise TypeError(f"{op}: {name} has dtype {t.dtype} but input x has dtype {x.dtype}; "
-                            "parameters must have the input dtype, or float32 for "
-                            "float16/bfloat16 input")
-        if param_dtype is not None and t.dtype != param_dtype:
-            raise TypeError(f"{op}: {name} has dtype {t.dtype} but {first} has dtype "
-                            f"{param_dtype}; parameters must share one dtype")
-        param_dtype, first = t.dtype, name
-        out.append(t)
-    return (x.dtype if param_dtype is None else param_dtype), out
-
-
-def _ptr(t: Optional[torch.Tensor]) -> int:
-    return 0 if t is None else t.data_ptr()
-
-
-# ---- layout -------------------------------------------------------------------------------------
-
-def _is_channels_last(t: torch.Tensor) -> bool:
-    # Dense with the channel dim innermost and the others in order: torch.channels_last (4-D),
-    # torch.channels_last_3d (5-D), and the same order for 3-D (N, C, L).
-    return t.dim() >= 3 and t.movedim(1, -1).is_contiguous()
-
-
-def _view(x: torch.Tensor) -> Tuple[torch.Tensor, Geometry]:
-    """The (N, C, L) view of an input, and the tensor to hand to the core.
-
-    Parameters
-    ----------
-    x : torch.Tensor
-        Shape ``(N, C, *spatial)``, 2 to 5 dims (checked by the callers).
-
-    Returns
-    -------
-    tensor : torch.Tensor
-        ``x`` itself when it is dense channel-major (contiguous) or dense channels-last
-        (``torch.channels_last`` / ``channels_last_3d``, or channel-innermost 3-D); otherwise a
-        contiguous **copy** of ``x`` (transposed, sliced, expanded inputs...), which costs one
-        extra pass over the data.
-    geometry : tuple of int
-        ``(n, c, l, layout)`` with ``l`` the product of the spatial sizes and ``layout``
-        ``_core.LAYOUT_CHANNEL_MAJOR`` or ``_core.LAYOUT_CHANNELS_LAST``. When both layouts
-        describe the memory (e.g. C == 1 or L == 1) channel-major is chosen.
-    """
-    n, c = int(x.shape[0]), int(x.shape[1])
-    l = 1
-    for s in x.shape[2:]:
-        l *= int(s)
-    if x.is_contiguous():
-        return x, (n, c, l, _core.LAYOUT_CHANNEL_MAJOR)
-    if _is_channels_last(x):
-        return x, (n, c, l, _core.LAYOUT_CHANNELS_LAST)
-    return x.contiguous(), (n, c, l, _core.LAYOUT_CHANNEL_MAJOR)
-
-
-def _in_layout(t: torch.Tensor, layout: int) -> torch.Tensor:
-    """``t`` (same shape as the input) dense in ``layout``, copied only when it is not."""
-    if layout == _core.LAYOUT_CHANNEL_MAJOR:
-        return t.contiguous()
-    if _is_channels_last(t):
-        return t
-    return t.movedim(1, -1).contiguous().movedim(-1, 1)
-
-
-def _empty_in_layout(x: torch.Tensor, layout: int) -> torch.Tensor:
-    """A new uninitialised tensor like ``x`` (shape, dtype, device), dense in ``layout``."""
-    if layout == _core.LAYOUT_CHANNEL_MAJOR:
-        return torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    shape = (x.shape[0], *x.shape[2:], x.shape[1])
-    return torch.empty(shape, dtype=x.dtype, device=x.device).movedim(-1, 1)
-
-
-# ---- dispatch -----------------------------------------------------------------------------------
-
-def _run(device: torch.device, cpu_op, cuda_op, *args, threaded: bool = True) -> None:
-    """Calls the CPU op (plus the thread count when ``threaded``) or the CUDA op (plus the current
-    stream of ``device``, with ``device`` current)."""
-    if device.type == "cuda":
-        with torch.cuda.device(device):
-            cuda_op(*args, torch.cuda.current_stream(device).cuda_stream)
-    elif threaded:
-        cpu_op(*args, torch.get_num_threads())
-    else:
-        cpu_op(*args)
-
-
-# ---- ops ----------------------------------------------------------------------------------------
-
 def sum_ft(x: torch.Tensor) -> torch.Tensor:
     """Per-channel sum of ``x`` over every dim but the channel dim (the seed's ``_sum_ft``).
 
@@ -252,12 +79,7 @@ def sum_ft(x: torch.Tensor) -> torch.Tensor:
     torch.Tensor
         Shape ``(C,)``, float64: ``out[c] = x[:, c].sum()``.
     """
-    x = _check_input("sum_ft", "input x", x)
-    xv, g = _view(x)
-    out = torch.empty(g[1], dtype=STATS_DTYPE, device=x.device)
-    _run(x.device, _core.cpu_sum_ft, _core.cuda_sum_ft,
-         xv.data_ptr(), _DTYPES[x.dtype], g, out.data_ptr())
-    return out
+    return ops.sum_ft(ops._check_input("sum_ft", x))
 
 
 def moments(x: torch.Tensor) -> torch.Tensor:
@@ -278,12 +100,7 @@ def moments(x: torch.Tensor) -> torch.Tensor:
         ``count = N * L``. The biased variance is ``m2 / count``. An empty batch (count 0)
         gives zeros.
     """
-    x = _check_input("moments", "input x", x)
-    xv, g = _view(x)
-    stats = torch.empty(2 * g[1] + 1, dtype=STATS_DTYPE, device=x.device)
-    _run(x.device, _core.cpu_moments, _core.cuda_moments,
-         xv.data_ptr(), _DTYPES[x.dtype], g, stats.data_ptr())
-    return stats
+    return ops.moments(ops._check_input("moments", x))
 
 
 def merge_moments(records: Union[torch.Tensor, Sequence[torch.Tensor]]) -> torch.Tensor:
@@ -307,7 +124,7 @@ def merge_moments(records: Union[torch.Tensor, Sequence[torch.Tensor]]) -> torch
         if not isinstance(records, (list, tuple)) or len(records) == 0:
             raise TypeError(f"{op}: records must be a tensor of shape (k, 2C+1) or a non-empty "
                             f"sequence of (2C+1,) tensors, got {type(records).__name__}")
-        items = [_check_tensor(op, f"records[{i}]", r) for i, r in enumerate(records)]
+        items = [ops._tensor(op, f"records[{i}]", r) for i, r in enumerate(records)]
         for i, r in enumerate(items):
             if r.dim() != 1 or r.shape != items[0].shape:
                 raise ValueError(f"{op}: records[{i}] must have shape {tuple(items[0].shape)} "
@@ -315,21 +132,11 @@ def merge_moments(records: Union[torch.Tensor, Sequence[torch.Tensor]]) -> torch
             if r.dtype != items[0].dtype:
                 raise TypeError(f"{op}: records[{i}] has dtype {r.dtype} but records[0] has "
                                 f"dtype {items[0].dtype}")
-            _same_device(op, f"records[{i}]", r, items[0], "records[0]")
+            if r.device != items[0].device:
+                raise ValueError(f"{op}: records[{i}] is on {r.device} but records[0] is on "
+                                 f"{items[0].device}; all tensors must be on the same device")
         records = torch.stack(items)
-    records = _check_tensor(op, "records", records)
-    if records.dtype != STATS_DTYPE:
-        raise TypeError(f"{op}: records has dtype {records.dtype}; expected {STATS_DTYPE} "
-                        "(moments records are float64)")
-    if records.dim() != 2 or records.shape[1] % 2 != 1:
-        raise ValueError(f"{op}: records must have shape (k, 2C+1), got {tuple(records.shape)}")
-    _check_device(op, "records", records)
-    records = records.contiguous()
-    k, c = int(records.shape[0]), (int(records.shape[1]) - 1) // 2
-    out = torch.empty(2 * c + 1, dtype=records.dtype, device=records.device)
-    _run(records.device, _core.cpu_merge_moments, _core.cuda_merge_moments,
-         k, c, records.data_ptr(), out.data_ptr(), threaded=False)
-    return out
+    return ops.merge_moments(records)
 
 
 def finalize(stats: torch.Tensor, eps: float, eps_mode: str = "plus",
@@ -362,50 +169,28 @@ def finalize(stats: torch.Tensor, eps: float, eps_mode: str = "plus",
         Shape ``(C,)``, float64. Count 0 gives mean 0 and variance 0.
     """
     op = "finalize"
-    stats = _check_tensor(op, "stats", stats)
-    if stats.dtype != STATS_DTYPE:
-        raise TypeError(f"{op}: stats has dtype {stats.dtype}; expected {STATS_DTYPE} "
-                        "(moments records are float64)")
-    if stats.dim() != 1 or stats.shape[0] % 2 != 1:
-        raise ValueError(f"{op}: stats must be one moments record of shape (2C+1,), "
-                         f"got {tuple(stats.shape)}")
-    _check_device(op, "stats", stats)
-    if eps_mode not in _EPS_MODES:
+    ops._check_record(op, stats, "stats")
+    if eps_mode not in ops.EPS_MODES:
         raise ValueError(f"{op}: eps_mode must be 'plus' or 'clamp', got {eps_mode!r}")
-    eps, factor = float(eps), float(factor)
-    if not (math.isfinite(eps) and eps >= 0.0):
-        raise ValueError(f"{op}: eps must be finite and >= 0, got {eps}")
+    factor = float(factor)
     if not math.isfinite(factor):
         raise ValueError(f"{op}: factor must be finite, got {factor}")
-    c = (int(stats.shape[0]) - 1) // 2
-    stats = stats.contiguous()
-    if (running_mean is None) != (running_var is None):
-        raise ValueError(f"{op}: running_mean and running_var must be given together "
-                         f"(got running_mean={'None' if running_mean is None else 'a tensor'}, "
-                         f"running_var={'None' if running_var is None else 'a tensor'})")
-    param_dtype = STATS_DTYPE
-    rm = rv = None
-    if running_mean is not None:
-        rm = _per_channel(op, "running_mean", running_mean, c, None, stats, "stats")
-        rv = _per_channel(op, "running_var", running_var, c, None, stats, "stats")
-        if rm.dtype not in _DTYPES:
-            raise TypeError(f"{op}: running_mean has dtype {rm.dtype}; expected {_SUPPORTED}")
-        if rv.dtype != rm.dtype:
-            raise TypeError(f"{op}: running_var has dtype {rv.dtype} but running_mean has dtype "
-                            f"{rm.dtype}; they must match")
-        param_dtype = rm.dtype
-    mean = torch.empty(c, dtype=STATS_DTYPE, device=stats.device)
-    invstd = torch.empty(c, dtype=STATS_DTYPE, device=stats.device)
-    _run(stats.device, _core.cpu_finalize, _core.cuda_finalize,
-         c, stats.data_ptr(), eps, _EPS_MODES[eps_mode],
-         mean.data_ptr(), invstd.data_ptr(), _ptr(rm), _ptr(rv), _DTYPES[param_dtype], factor,
-         threaded=False)
-    # The update ran on contiguous copies when the buffers were strided: write them back.
-    if rm is not None and rm.data_ptr() != running_mean.data_ptr():
-        running_mean.copy_(rm)
-    if rv is not None and rv.data_ptr() != running_var.data_ptr():
-        running_var.copy_(rv)
-    return mean, invstd
+    out = ops.finalize(stats, float(eps), ops.EPS_MODES[eps_mode], running_mean, running_var,
+                       None, factor)
+    c = (out.shape[0] - 1) // 3
+    return out[1:c + 1], out[2 * c + 1:]
+
+
+def _stats_of(op: str, x: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor,
+              count: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Batch statistics ``[count, mean, m2 (0), invstd]`` from separate tensors."""
+    x = ops._check_input(op, x)
+    c = x.shape[1]
+    mean = ops._vector(op, "mean", mean, c, STATS_DTYPE, x)
+    invstd = ops._vector(op, "invstd", invstd, c, STATS_DTYPE, x)
+    if count is None:
+        count = mean.new_ones(1)
+    return torch.cat((count.reshape(1), mean, torch.zeros_like(mean), invstd))
 
 
 def normalize(x: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor,
@@ -430,30 +215,7 @@ def normalize(x: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor,
         ``y``, shape and dtype of ``x``, in the memory format of ``x`` (channel-major or
         channels-last; channel-major when ``x`` had other strides and was copied).
     """
-    op = "normalize"
-    x = _check_input(op, "input x", x)
-    xv, g = _view(x)
-    c, acc = g[1], STATS_DTYPE
-    mean = _per_channel(op, "mean", mean, c, acc, x, "input x")
-    invstd = _per_channel(op, "invstd", invstd, c, acc, x, "input x")
-    param_dtype, (weight, bias) = _params(op, x, c, (("weight", weight), ("bias", bias)))
-    y = _empty_in_layout(x, g[3])
-    _run(x.device, _core.cpu_normalize, _core.cuda_normalize,
-         xv.data_ptr(), _DTYPES[x.dtype], g, mean.data_ptr(), invstd.data_ptr(), _ptr(weight),
-         _ptr(bias), _DTYPES[param_dtype], y.data_ptr())
-    return y
-
-
-def _grad_output(op: str, dy: object, x: torch.Tensor, layout: int) -> torch.Tensor:
-    dy = _check_tensor(op, "grad_output dy", dy)
-    if dy.shape != x.shape:
-        raise ValueError(f"{op}: grad_output dy has shape {tuple(dy.shape)} but input x has "
-                         f"shape {tuple(x.shape)}; they must match")
-    if dy.dtype != x.dtype:
-        raise TypeError(f"{op}: grad_output dy has dtype {dy.dtype} but input x has dtype "
-                        f"{x.dtype}; they must match")
-    _same_device(op, "grad_output dy", dy, x, "input x")
-    return _in_layout(dy, layout)
+    return ops.normalize(x, _stats_of("normalize", x, mean, invstd), weight, bias)
 
 
 def backward_reduce(dy: torch.Tensor, x: torch.Tensor, mean: torch.Tensor,
@@ -491,26 +253,14 @@ def backward_reduce(dy: torch.Tensor, x: torch.Tensor, mean: torch.Tensor,
         ``sum_dy``, shape ``(C,)``, param dtype; None unless requested.
     """
     op = "backward_reduce"
-    x = _check_input(op, "input x", x)
-    xv, g = _view(x)
-    dy = _grad_output(op, dy, x, g[3])
-    c, acc = g[1], STATS_DTYPE
-    mean = _per_channel(op, "mean", mean, c, acc, x, "input x")
-    invstd = _per_channel(op, "invstd", invstd, c, acc, x, "input x")
+    ops._check_grad(op, dy, ops._check_input(op, x))
     if param_dtype is None:
-        param_dtype = x.dtype
-    elif not isinstance(param_dtype, torch.dtype) or not _param_dtype_ok(x.dtype, param_dtype):
-        raise TypeError(f"{op}: param_dtype {param_dtype} does not suit input x of dtype "
-                        f"{x.dtype}; expected the input dtype, or float32 for float16/bfloat16 "
-                        "input")
-    sums = torch.empty(2 * c, dtype=acc, device=x.device)
-    grad_weight = (torch.empty(c, dtype=param_dtype, device=x.device)
-                   if need_weight_grad else None)
-    grad_bias = torch.empty(c, dtype=param_dtype, device=x.device) if need_bias_grad else None
-    _run(x.device, _core.cpu_backward_reduce, _core.cuda_backward_reduce,
-         dy.data_ptr(), xv.data_ptr(), _DTYPES[x.dtype], g, mean.data_ptr(), invstd.data_ptr(),
-         sums.data_ptr(), _ptr(grad_weight), _ptr(grad_bias), _DTYPES[param_dtype])
-    return sums, grad_weight, grad_bias
+        param_dtype = ops._check_input(op, x).dtype
+    elif not isinstance(param_dtype, torch.dtype):
+        raise TypeError(f"{op}: param_dtype must be a torch.dtype, got {param_dtype!r}")
+    sums, gw, gb = ops.backward_reduce(dy, x, _stats_of(op, x, mean, invstd), None, None, 0, 0.01,
+                                       param_dtype)
+    return sums, (gw if need_weight_grad else None), (gb if need_bias_grad else None)
 
 
 def backward_elemt(dy: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor,
@@ -546,24 +296,14 @@ def backward_elemt(dy: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, invstd
         :func:`normalize`).
     """
     op = "backward_elemt"
-    x = _check_input(op, "input x", x)
-    xv, g = _view(x)
-    dy = _grad_output(op, dy, x, g[3])
-    c, acc = g[1], STATS_DTYPE
-    mean = _per_channel(op, "mean", mean, c, acc, x, "input x")
-    invstd = _per_channel(op, "invstd", invstd, c, acc, x, "input x")
-    param_dtype, (weight,) = _params(op, x, c, (("weight", weight),))
-    sums = _per_channel(op, "sums", sums, 2 * c, acc, x, "input x")
-    count = _check_tensor(op, "count", count)
+    ops._check_grad(op, dy, ops._check_input(op, x))
+    count = ops._tensor(op, "count", count)
     if count.numel() != 1:
         raise ValueError(f"{op}: count must hold exactly one element, got shape "
                          f"{tuple(count.shape)}")
-    if count.dtype != acc:
-        raise TypeError(f"{op}: count has dtype {count.dtype}; expected {acc} (statistics "
-                        "are float64)")
-    _same_device(op, "count", count, x, "input x")
-    dx = _empty_in_layout(x, g[3])
-    _run(x.device, _core.cpu_backward_elemt, _core.cuda_backward_elemt,
-         dy.data_ptr(), xv.data_ptr(), _DTYPES[x.dtype], g, mean.data_ptr(), invstd.data_ptr(),
-         _ptr(weight), _DTYPES[param_dtype], sums.data_ptr(), count.data_ptr(), dx.data_ptr())
-    return dx
+    if count.dtype != STATS_DTYPE:
+        raise TypeError(f"{op}: count has dtype {count.dtype}; expected {STATS_DTYPE} "
+                        "(statistics are float64)")
+    ops._same_device(op, "count", count, x)
+    stats = _stats_of(op, x, mean, invstd, count)
+    return ops.backward_elemt(dy, x, stats, weight, None, sums, 0.0, ops.EPS_MODES["plus"])

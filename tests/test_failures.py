@@ -21,7 +21,6 @@ import torch
 from torch import nn
 
 import pysbn
-from pysbn import _core
 from pysbn import functional as F
 from pysbn.replicate import parallel_apply
 
@@ -361,8 +360,6 @@ BAD_INPUTS = [
      lambda: torch.randn(2, 3, 4, 4), TypeError, ["running_var", "running_mean"]),
     ("weight_shape", lambda: _with("weight", nn.Parameter(torch.ones(2))),
      lambda: torch.randn(2, 3, 4, 4), ValueError, ["weight", "(2,)", "(3,)"]),
-    ("running_mean_strided", lambda: _with("running_mean", torch.zeros(6)[::2]),
-     lambda: torch.randn(2, 3, 4, 4), ValueError, ["running_mean", "contiguous"]),
     ("input_on_meta", _layer, lambda: torch.randn(2, 3, 4, 4, device="meta"), ValueError,
      ["input", "meta"]),
     ("layer_on_meta", lambda: _layer(device="meta"), lambda: torch.randn(2, 3, 4, 4), ValueError,
@@ -398,7 +395,9 @@ class _FakeCuda(torch.Tensor):
 def test_cuda_tensor_on_build_without_cuda(monkeypatch):
     # torch here has no CUDA, so a real CUDA tensor cannot exist: a tensor that reports a CUDA
     # device, and a core that reports no CUDA, exercise the same checks.
-    monkeypatch.setattr(_core, "built_with_cuda", lambda: False)
+    from pysbn import ops
+
+    monkeypatch.setattr(ops, "_RUNNABLE", ("cpu",))
     x = torch.randn(2, 3, 4, 4).as_subclass(_FakeCuda)
     assert x.device.type == "cuda"
     for fn in (F.moments, F.sum_ft):
@@ -573,33 +572,72 @@ def test_master_released_by_failing_replica_keeps_its_state():
     _assert_same_state(net, before)
 
 
-@pytest.mark.parametrize("mode,op", [
-    # the lone layer's one native call (it checks everything before it writes)
-    ("plus", "cpu_fused_forward"),
-    # the composed path (eps mode "clamp" here; the same Function runs under a sync)
-    ("clamp", "cpu_moments"), ("clamp", "cpu_finalize"), ("clamp", "cpu_normalize")])
-@pytest.mark.parametrize("momentum", [0.1, None])
-def test_core_failure_keeps_state(monkeypatch, mode, op, momentum):
-    import pysbn._functions as fn_mod
+class _Echo(pysbn.sync.Synchronizer):
+    """A synchronizer that exchanges with itself alone (the synchronised path, one member)."""
 
-    monkeypatch.setattr(pysbn.batchnorm, "_eps_mode", mode)
+    def __init__(self, fail=False):
+        self.fail = fail
+
+    def forward(self, record):
+        if self.fail:
+            raise RuntimeError("injected failure in the exchange")
+        return record.clone()
+
+    def backward(self, sums):
+        return sums.clone()
+
+
+@pytest.mark.parametrize("path,op", [
+    ("lone", "batch_norm_forward"),  # the lone layer's one native call
+    ("sync", "moments"), ("sync", "exchange"), ("sync", "batch_norm_forward")])
+@pytest.mark.parametrize("mode", ["plus", "clamp"])
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_core_failure_keeps_state(monkeypatch, path, op, mode, momentum):
+    """A step that fails anywhere (a native op, the exchange) leaves the running statistics
+    and num_batches_tracked as they were; the layer works afterwards."""
+    import pysbn.batchnorm as bn_module
+    from pysbn import ops
+
+    monkeypatch.setattr(bn_module, "_eps_mode", mode)
     sbn = pysbn.SynchronizedBatchNorm2d(4, momentum=momentum)
     sbn(torch.randn(3, 4, 2, 2))  # some non-trivial state
     before = _state(sbn)
-    real = getattr(fn_mod._core, op)
+    if path == "sync":
+        monkeypatch.setattr(bn_module, "synchronizer_for",
+                            lambda layer, x: _Echo(fail=op == "exchange"))
+    if op != "exchange":
+        real = getattr(ops._core, op)
 
-    def failing(*args):
-        if op == "cpu_finalize":
-            real(*args)  # partial work: the running stats are updated, then it fails
-        raise RuntimeError(f"injected failure in {op}")
+        def failing(*args):
+            raise RuntimeError(f"injected failure in {op}")
 
-    monkeypatch.setattr(fn_mod._core, op, failing)
-    with pytest.raises(RuntimeError, match=f"injected failure in {op}"):
+        monkeypatch.setattr(ops._core, op, failing)
+    with pytest.raises(RuntimeError, match=f"injected failure in (the )?{op}"):
         sbn(torch.randn(3, 4, 2, 2))
     _assert_same_state(sbn, before)
-    monkeypatch.setattr(fn_mod._core, op, real)
+    monkeypatch.undo()
     sbn(torch.randn(3, 4, 2, 2))  # the layer still works
     assert int(sbn.num_batches_tracked) == int(before["num_batches_tracked"]) + 1
+
+
+def test_strided_running_stats_are_updated_in_place():
+    """Running statistics that are strided views (e.g. slices of one buffer) are read and
+    updated in place, as nn.BatchNorm does."""
+    store_s, store_r = torch.zeros(2, 6), torch.zeros(2, 6)
+    sbn, ref = pysbn.SynchronizedBatchNorm2d(3), nn.BatchNorm2d(3)
+    for m, store in ((sbn, store_s), (ref, store_r)):
+        store[1] = 1.0
+        m.running_mean = store[0, ::2]
+        m.running_var = store[1, ::2]
+    x = torch.randn(4, 3, 5, 5) * 2 + 1
+    sbn(x)
+    ref(x)
+    torch.testing.assert_close(store_s, store_r)
+    # the elements between the views are untouched
+    assert torch.equal(store_s[0, 1::2], torch.zeros(3)) and torch.equal(store_s[1, 1::2], torch.ones(3))
+    sbn.eval()
+    ref.eval()
+    torch.testing.assert_close(sbn(x), ref(x))
 
 
 def test_failed_step_in_eval_and_bad_input_keeps_state():
@@ -616,14 +654,14 @@ def test_failed_step_in_eval_and_bad_input_keeps_state():
 def test_failure_in_backward_before_the_sync_releases_at_once(monkeypatch):
     """A replica whose backward fails before its sync (here: in backward_reduce) releases the
     replicas waiting in that layer's backward at once."""
-    from pysbn import _core
+    from pysbn.ops import _core
 
     pysbn.set_sync_timeout(LONG_TIMEOUT)
     reps, _ = replicas_of(pysbn.SynchronizedBatchNorm2d(4), 3)
     xs = [torch.randn(2, 4, 3, 3, requires_grad=True) for _ in reps]
     ys = in_threads([lambda i=i: reps[i](xs[i]) for i in range(3)])
     assert all(o.error is None for o in ys)
-    real = _core.cpu_backward_reduce
+    real = _core.backward_reduce
 
     def flaky(*args):
         if threading.get_ident() == owner.get("t"):
@@ -631,7 +669,7 @@ def test_failure_in_backward_before_the_sync_releases_at_once(monkeypatch):
         return real(*args)
 
     owner = {}
-    monkeypatch.setattr(_core, "cpu_backward_reduce", flaky)
+    monkeypatch.setattr(_core, "backward_reduce", flaky)
 
     def bwd(i):
         if i == 1:

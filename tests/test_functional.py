@@ -15,8 +15,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import pysbn
-from pysbn import _core
 from pysbn import functional as F
+from pysbn import ops
 
 ALL_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 HALF_DTYPES = (torch.float16, torch.bfloat16)
@@ -36,7 +36,7 @@ SHAPES = [
 ]
 FORMATS = ["contiguous", "channels_last"]
 
-HAS_CUDA = torch.cuda.is_available() and _core.built_with_cuda()
+HAS_CUDA = torch.cuda.is_available() and ops.built_with_cuda()
 
 
 # ---- helpers ------------------------------------------------------------------------------------
@@ -90,7 +90,7 @@ def _param_dtypes(dtype):
 
 
 def _dense_in(t, layout):
-    if layout == _core.LAYOUT_CHANNEL_MAJOR:
+    if layout == ops._CM:
         return t.is_contiguous()
     return t.movedim(1, -1).is_contiguous()
 
@@ -113,36 +113,44 @@ def _forward(x, eps=EPS, eps_mode="plus"):
     return stats, mean, invstd
 
 
-# ---- _view --------------------------------------------------------------------------------------
+# ---- dense inputs and their layout -------------------------------------------------------------
 
-def test_view_contiguous_is_channel_major_in_place():
+def _layout_of(x):
+    """The layout the core reads x in (after pysbn.ops.dense)."""
+    return ops._layout(ops.dense(x))
+
+
+def test_dense_contiguous_is_channel_major_in_place():
     x = torch.randn(4, 3, 5, 6)
-    xv, g = F._view(x)
+    xv = ops.dense(x)
     assert xv.data_ptr() == x.data_ptr()
-    assert g == (4, 3, 30, _core.LAYOUT_CHANNEL_MAJOR)
+    assert ops._view(x)[1][2:] == (4, 3, 30, ops._CM)
 
 
 @pytest.mark.parametrize("shape, fmt", [((4, 3, 5, 6), torch.channels_last),
                                         ((2, 3, 4, 5, 6), torch.channels_last_3d)])
-def test_view_channels_last_in_place(shape, fmt):
+def test_dense_channels_last_in_place(shape, fmt):
     x = torch.randn(shape).contiguous(memory_format=fmt)
-    xv, g = F._view(x)
+    xv = ops.dense(x)
     assert xv.data_ptr() == x.data_ptr()
-    assert g == (shape[0], shape[1], math.prod(shape[2:]), _core.LAYOUT_CHANNELS_LAST)
+    assert ops._view(x)[1][2:] == (shape[0], shape[1], math.prod(shape[2:]), ops._CL)
 
 
-def test_view_3d_channel_innermost_is_channels_last():
-    x = torch.randn(4, 7, 3).transpose(1, 2)  # (N, C, L) with the channel dim innermost
-    xv, g = F._view(x)
-    assert xv.data_ptr() == x.data_ptr()
-    assert g == (4, 3, 7, _core.LAYOUT_CHANNELS_LAST)
+def test_dense_3d_channel_innermost_is_copied_to_contiguous():
+    """As nn.BatchNorm1d: a (N, C, L) view with the channel dim innermost gives a contiguous
+    output (y.view(N, -1) works), so the input is copied to contiguous first."""
+    x = torch.randn(4, 7, 3).transpose(1, 2)
+    xv = ops.dense(x)
+    assert xv.data_ptr() != x.data_ptr() and xv.is_contiguous()
+    assert ops._view(x)[1][2:] == (4, 3, 7, ops._CM)
+    torch.testing.assert_close(xv, x, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("shape", [(4, 1, 5, 6), (4, 3, 1, 1), (1, 3, 1, 1)])
-def test_view_prefers_channel_major_when_both_hold(shape):
+def test_dense_prefers_channel_major_when_both_hold(shape):
     x = torch.randn(shape).contiguous(memory_format=torch.channels_last)
     assert x.is_contiguous()
-    assert F._view(x)[1][3] == _core.LAYOUT_CHANNEL_MAJOR
+    assert _layout_of(x) == ops._CM
 
 
 @pytest.mark.parametrize("make", [
@@ -153,12 +161,12 @@ def test_view_prefers_channel_major_when_both_hold(shape):
     lambda b: b[:, :, :1].expand(-1, -1, 5, -1),
     lambda b: b.permute(0, 1, 3, 2).contiguous(memory_format=torch.channels_last).transpose(2, 3),
 ], ids=["transposed", "sliced_h", "sliced_c", "sliced_n", "expanded", "permuted_cl"])
-def test_view_copies_other_strides(make):
+def test_dense_copies_other_strides(make):
     x = make(torch.randn(6, 4, 6, 5))
     assert not x.is_contiguous() and not x.movedim(1, -1).is_contiguous()
-    xv, g = F._view(x)
+    xv = ops.dense(x)
     assert xv.data_ptr() != x.data_ptr()
-    assert g[3] == _core.LAYOUT_CHANNEL_MAJOR and xv.is_contiguous()
+    assert ops._layout(xv) == ops._CM and xv.is_contiguous()
     torch.testing.assert_close(xv, x, rtol=0, atol=0)
 
 
@@ -366,9 +374,11 @@ def test_normalize_as_batch_norm_with_given_stats(dtype, shape, fmt, affine):
                             None if w_arg is None else w.double(),
                             None if b_arg is None else b.double(), training=False, eps=EPS)
         assert y.dtype == dtype and y.shape == x.shape
-        assert _dense_in(y, F._view(x)[1][3])
-        if fmt == "channels_last" and x.dim() > 2 and not x.is_contiguous():
+        assert _dense_in(y, _layout_of(x))
+        if fmt == "channels_last" and x.dim() in (4, 5) and not x.is_contiguous():
             assert y.stride() == x.stride()
+        if x.dim() == 3:  # as nn.BatchNorm1d: contiguous, whatever the input's strides
+            assert y.is_contiguous()
         _assert_close(y, ref, dtype, scale=4.0)
 
 
@@ -421,7 +431,7 @@ def test_backward_vs_autograd(dtype, shape, fmt):
 
         assert gw.dtype == gb.dtype == param_dtype
         assert dx.dtype == dtype and dx.shape == x.shape
-        assert _dense_in(dx, F._view(x)[1][3])
+        assert _dense_in(dx, _layout_of(x))
         _assert_close(gb, db_ref, param_dtype if dtype != torch.float64 else dtype,
                       scale=math.sqrt(n))
         _assert_close(gw, dw_ref, param_dtype if dtype != torch.float64 else dtype,
@@ -646,10 +656,16 @@ def test_input_rank_rejected(shape):
         F.moments(torch.zeros(shape))
 
 
-def test_unsupported_device_rejected():
-    x = torch.zeros(2, 3, device="meta")
-    with pytest.raises(ValueError, match="device"):
-        F.moments(x)
+def test_meta_tensors_give_shapes_only():
+    """The ops are registered with a fake (meta) kernel: meta inputs give meta outputs of the
+    right shapes, as torch's own ops do (shape propagation, FakeTensor tracing)."""
+    x = torch.zeros(2, 3, 4, device="meta")
+    rec = F.moments(x)
+    assert rec.device.type == "meta" and rec.shape == (7,) and rec.dtype == torch.float64
+    mean, invstd = F.finalize(rec, EPS)
+    assert mean.shape == (3,) and invstd.device.type == "meta"
+    y = F.normalize(x, mean, invstd)
+    assert y.shape == x.shape and y.device.type == "meta"
 
 
 def test_sparse_input_rejected():
@@ -805,11 +821,11 @@ def test_mismatched_devices_rejected():
 
 
 def test_package_reports_build():
-    assert pysbn.__version__ == _core.version()
-    assert isinstance(_core.built_with_cuda(), bool)
+    assert pysbn.__version__ == ops.core_version()
+    assert isinstance(ops.built_with_cuda(), bool)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available() or _core.built_with_cuda(),
+@pytest.mark.skipif(not torch.cuda.is_available() or ops.built_with_cuda(),
                     reason="needs a CUDA device and a pysbn build without CUDA")
 def test_cuda_tensor_with_cpu_only_build_raises_clearly():
     x = torch.randn(4, 3, device="cuda")
@@ -851,7 +867,7 @@ class TestCUDA:
             b = torch.randn(c, dtype=torch.float64).to(param_dtype)
             mean_g, invstd_g = F.finalize(stats_g, EPS)
             y_g = F.normalize(xg, mean_g, invstd_g, w.cuda(), b.cuda())
-            assert _dense_in(y_g, F._view(xg)[1][3])
+            assert _dense_in(y_g, _layout_of(xg))
             mean_c, invstd_c = F.finalize(stats, EPS)
             _assert_close(y_g.cpu(), F.normalize(x, mean_c, invstd_c, w, b), dtype, scale=4.0)
             if exact_torch:
@@ -907,7 +923,7 @@ class TestCUDA:
             sums_g, gw_g, gb_g = F.backward_reduce(gg, xg, mean_g, invstd_g, True, True,
                                                    param_dtype=param_dtype)
             dx_g = F.backward_elemt(gg, xg, mean_g, invstd_g, w.cuda(), sums_g, stats_g[:1])
-            assert _dense_in(dx_g, F._view(xg)[1][3])
+            assert _dense_in(dx_g, _layout_of(xg))
             # The CPU path with the same statistics.
             mean_c, invstd_c = mean_g.cpu(), invstd_g.cpu()
             sums_c, gw_c, gb_c = F.backward_reduce(g, x, mean_c, invstd_c, True, True,

@@ -39,14 +39,14 @@ from torch import nn
 import pysbn
 from _support import (case_problems, close, make_replicas, randomize, results, run_group,
                       run_threads)
-from pysbn import _core
+from pysbn import ops
 
 
 def _skip_reason() -> str:
     if not torch.cuda.is_available():
         return "needs a CUDA device (torch.cuda.is_available() is False)"
-    if not _core.built_with_cuda():
-        return ("needs pysbn built with CUDA (pysbn._core.built_with_cuda() is False); "
+    if not ops.built_with_cuda():
+        return ("needs pysbn built with CUDA (pysbn.ops.built_with_cuda() is False); "
                 "rebuild with nvcc on the PATH or PYSBN_WITH_CUDA=ON")
     return ""
 

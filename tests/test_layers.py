@@ -83,11 +83,9 @@ def make_pair(kind, c, dtype=torch.float64, **kw):
 
 
 def same_format(a, b):
-    """Same memory format (contiguous / channels_last / channels_last_3d) as torch's tensor.
-    3-D tensors have no channels-last format in torch (it returns them contiguous); pysbn keeps
-    a channel-innermost 3-D input's layout, so they are not compared."""
-    if a.dim() == 3:
-        return True
+    """Same memory format (contiguous / channels_last / channels_last_3d) as torch's tensor
+    (3-D tensors have no channels-last format: torch returns them contiguous, and so does
+    pysbn)."""
     fmts = [torch.contiguous_format]
     if a.dim() == 4:
         fmts.append(torch.channels_last)
@@ -373,33 +371,46 @@ def test_gradcheck(kind, shape, fmt, opt, train):
 
 # ---- the lone layer's fused path ----------------------------------------------------------------
 
+class _Echo(pysbn.sync.Synchronizer):
+    """A synchronizer with nothing to add: it exchanges, with itself alone."""
+
+    def forward(self, record):
+        return record.clone()
+
+    def backward(self, sums):
+        return sums.clone()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["float32", "float16"])
 @pytest.mark.parametrize("kind,shape,fmt", CASES, ids=CASE_IDS)
-def test_lone_path_is_the_composed_path(kind, shape, fmt, dtype):
-    """A lone training layer runs LocalBatchNormFunction (one native call per direction); it
-    must give the bits of SyncBatchNormFunction without a synchronizer (the composed ops, as
-    under a sync), including the running stats and num_batches_tracked."""
-    from pysbn._functions import SyncBatchNormFunction
+def test_lone_path_is_the_composed_path(kind, shape, fmt, dtype, monkeypatch):
+    """A lone training layer computes its statistics inside batch_norm_forward and its backward
+    in one batch_norm_backward call; it must give the bits of the synchronised path (moments ->
+    sync -> batch_norm_forward with the record; backward_reduce -> sync -> backward_elemt),
+    including the running stats and num_batches_tracked."""
+    import pysbn.batchnorm as bn_module
 
-    sbn = SYNC[kind](shape[1])
-    randomize(sbn)
-    sbn.float()
-    base = {k: v.clone() for k, v in sbn.state_dict().items()}
-    w0, b0 = sbn.weight.detach().clone(), sbn.bias.detach().clone()
+    layers = []
+    for _ in range(2):
+        sbn = SYNC[kind](shape[1])
+        randomize(sbn)
+        layers.append(sbn.float())
+    layers[1].load_state_dict(layers[0].state_dict())
     x = make_input(shape, torch.float32, fmt).to(dtype)
     dy = torch.randn(shape).to(dtype)
     xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
-    ya = sbn(xa)
+    ya = layers[0](xa)
     ya.backward(dy)
-    wb, bb = w0.clone().requires_grad_(), b0.clone().requires_grad_()
-    rm, rv = base["running_mean"].clone(), base["running_var"].clone()
-    yb = SyncBatchNormFunction.apply(xb, wb, bb, rm, rv, sbn.eps, "plus", sbn.momentum, None)
+    monkeypatch.setattr(bn_module, "synchronizer_for", lambda layer, x: _Echo())
+    yb = layers[1](xb)
     yb.backward(dy)
+    a, b = layers
     assert torch.equal(ya, yb) and ya.stride() == yb.stride()
     assert torch.equal(xa.grad, xb.grad)
-    assert torch.equal(sbn.weight.grad, wb.grad) and torch.equal(sbn.bias.grad, bb.grad)
-    assert torch.equal(sbn.running_mean, rm) and torch.equal(sbn.running_var, rv)
-    assert int(sbn.num_batches_tracked) == int(base["num_batches_tracked"]) + 1
+    assert torch.equal(a.weight.grad, b.weight.grad) and torch.equal(a.bias.grad, b.bias.grad)
+    assert torch.equal(a.running_mean, b.running_mean) and torch.equal(a.running_var,
+                                                                       b.running_var)
+    assert int(a.num_batches_tracked) == int(b.num_batches_tracked) == 1
 
 
 def test_lone_path_backward_twice_with_retain_graph():
@@ -426,6 +437,7 @@ def test_isinstance_and_signature():
         m = cls(4)
         assert isinstance(m, _BatchNorm)
         assert isinstance(m, nn.Module)
+        assert isinstance(m, PLAIN[kind]), "a subclass of the nn.BatchNorm class it replaces"
         got = inspect.signature(cls.__init__).parameters
         assert list(got) == list(want)
         for name, p in want.items():
@@ -506,23 +518,54 @@ def test_eval_without_running_stats_uses_batch_stats():
     close(y, (x - mean) / torch.sqrt(var + 1e-5), 1e-10, "batch-stat output")
 
 
+@pytest.mark.parametrize("eps_mode", ["plus", "clamp"])
 @pytest.mark.parametrize("affine", [True, False])
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
-def test_double_backward_is_an_error_not_silently_zero(train, affine):
-    """The backward is not differentiable: create_graph must fail loudly when the second-order
-    term goes through the layer (a gradient penalty would otherwise miss it silently); the
-    first-order gradients are still right."""
+def test_double_backward_as_batchnorm(train, affine, eps_mode):
+    """create_graph=True (gradient penalties): the second-order gradients through the layer
+    are those of nn.BatchNorm (in clamp mode: of the same formula written with torch ops)."""
+    torch.manual_seed(3)
     conv = nn.Conv2d(3, 3, 1).double()
+    conv_r = nn.Conv2d(3, 3, 1).double()
+    conv_r.load_state_dict(conv.state_dict())
     sbn, ref = make_pair(2, 3, affine=affine)
     sbn.train(train)
     ref.train(train)
     x = torch.randn(4, 3, 2, 2, dtype=torch.float64, requires_grad=True)
+    xr = x.detach().clone().requires_grad_()
     dy = torch.randn(4, 3, 2, 2, dtype=torch.float64)
-    g, = torch.autograd.grad(sbn(conv(x)), x, dy, create_graph=True)
-    gr, = torch.autograd.grad(ref(conv(x)), x, dy, create_graph=True)
+    pysbn.set_sbn_eps_mode(eps_mode)
+    try:
+        g, = torch.autograd.grad(sbn(conv(x)), x, dy, create_graph=True)
+    finally:
+        pysbn.set_sbn_eps_mode("plus")
+    if eps_mode == "plus":
+        gr, = torch.autograd.grad(ref(conv_r(xr)), xr, dy, create_graph=True)
+    else:
+        gr, = torch.autograd.grad(_clamp_bn(ref, conv_r(xr), train), xr, dy, create_graph=True)
     close(g, gr, 1e-10, "first-order grad under create_graph")
-    with pytest.raises(RuntimeError, match="not differentiable"):
-        g.pow(2).sum().backward()
+    (g.pow(2) * dy).sum().backward()
+    (gr.pow(2) * dy).sum().backward()
+    if train:
+        close(x.grad, xr.grad, 1e-9, "second-order input grad")
+    else:  # an eval-mode batch norm is linear in x: no second-order term in x
+        assert x.grad is None and xr.grad is None
+    close(conv.weight.grad, conv_r.weight.grad, 1e-9, "second-order conv weight grad")
+    if affine:
+        close(sbn.weight.grad, ref.weight.grad, 1e-9, "second-order bn weight grad")
+
+
+def _clamp_bn(ref, x, train):
+    """The clamp eps mode with torch ops: invstd = 1 / sqrt(max(var, eps))."""
+    shape = (1, -1, 1, 1)
+    if train:
+        var, mean = torch.var_mean(x, dim=(0, 2, 3), correction=0)
+    else:
+        var, mean = ref.running_var, ref.running_mean
+    y = (x - mean.view(shape)) * var.clamp_min(ref.eps).rsqrt().view(shape)
+    if ref.weight is not None:
+        y = y * ref.weight.view(shape) + ref.bias.view(shape)
+    return y
 
 
 @pytest.mark.parametrize("xfmt,dyfmt", [("contiguous", "channels_last"),

@@ -9,7 +9,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from .. import functional as F
+from .. import ops
 from . import base
 from .base import SyncAbortedError, Synchronizer
 
@@ -178,7 +178,7 @@ def _merge_records(name: str, items: List[torch.Tensor]) -> torch.Tensor:
             sizes = {r: (int(p.numel()) - 1) // 2 for r, p in enumerate(items)}
             raise ValueError(f"SynchronizedBatchNorm layer '{name}': replicas disagree on the "
                              f"number of channels (channels per replica: {sizes})")
-    return F.merge_moments(torch.stack(items))
+    return ops.trusted.merge_moments(torch.stack(items))
 
 
 def _sum_records(name: str, items: List[torch.Tensor]) -> torch.Tensor:
@@ -195,7 +195,13 @@ def _sum_records(name: str, items: List[torch.Tensor]) -> torch.Tensor:
 
 
 class ReplicaSync(Synchronizer):
-    """One replica's end of a :class:`ReplicaGroup`: matches its calls by sequence number."""
+    """One replica's end of a :class:`ReplicaGroup`: matches its calls by sequence number.
+
+    Threads and a condition variable: not traceable (``torch.compile`` runs the layer eagerly
+    when it has a replica synchronizer).
+    """
+
+    traceable = False
 
     def __init__(self, group: ReplicaGroup, rank: int) -> None:
         """
@@ -217,6 +223,11 @@ class ReplicaSync(Synchronizer):
     def size(self) -> int:
         """The number of replicas registered in the group."""
         return self.group.size
+
+    @property
+    def exchanges(self) -> bool:  # type: ignore[override]
+        """True when the group has other replicas to exchange with."""
+        return self.group.size > 1
 
     def _next(self, direction: str) -> int:
         with self._lock:

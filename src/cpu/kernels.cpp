@@ -22,6 +22,7 @@
 //   ascending. (Walking the whole range backwards won on a Zen 5 VM but lost 3x on a Zen 4 VM,
 //   whose prefetchers do not follow descending streams: channels-last normalize of
 //   (64,256,14,14) took 3.0 ms backwards and 0.9 ms forwards on one thread.)
+#include "backend.hpp"
 #include "common.hpp"
 
 #include <pysbn/core.hpp>
@@ -893,7 +894,8 @@ void grad_sums(const T* dy, const T* x, const Geometry& g, const SplitMean<acc_t
 // ================================================================================================
 template <class T, class P>
 void elemt_impl(const T* dy, const T* x, const Geometry& g, const double* mean, const double* invstd,
-                const void* weight, const double* sums, double cnt, T* dx, int num_threads)
+                const void* weight, const double* sums, double cnt, const double* clamp_m2, double eps, T* dx,
+                int num_threads)
 {
   using A = acc_t<T>;
   const int64_t C = g.c;
@@ -904,6 +906,9 @@ void elemt_impl(const T* dy, const T* x, const Geometry& g, const double* mean, 
   for (int64_t c = 0; c < C; ++c) {
     double is = invstd[c], w = weight ? ldp<P>(weight, c) : 1.0;
     double mdy = sums[c] * inv_cnt, mdyxmu = sums[C + c] * inv_cnt;
+    // Eps mode Clamp (clamp_m2 = the record's m2): a channel with var < eps has
+    // invstd = 1/sqrt(eps), which does not depend on x: no variance term.
+    if (clamp_m2 != nullptr && clamp_m2[c] * inv_cnt < eps) { mdyxmu = 0.0; }
     double c2 = is * is * is * w * mdyxmu;
     k1[c] = static_cast<A>(is * w);
     k2[c] = static_cast<A>(c2);
@@ -992,64 +997,68 @@ void dispatch_io(DType dtype, DType param_dtype, F&& f)
   });
 }
 
-void check_threads(const char* op, int num_threads)
+/// mean, invstd, m2 and the count of the batch statistics (see core.hpp).
+struct StatsParts {
+  double count;
+  const double* mean;
+  const double* m2;
+  const double* invstd;
+  StatsParts(const double* stats, int64_t c)
+      : count(stats[0]), mean(stats + 1), m2(stats + 1 + c), invstd(stats + 1 + 2 * c)
+  {
+  }
+};
+
+// Temporary: the activations other than Identity come with their kernels.
+void identity_only(const char* op, const Act& act)
 {
-  PYSBN_EXPECTS(num_threads >= 1, std::string(op) + ": num_threads must be >= 1, got " + std::to_string(num_threads));
+  PYSBN_EXPECTS(act.kind == Activation::Identity, std::string(op) + ": activation not available yet");
 }
 
 }  // namespace
 
 // ================================================================================================
-// public entry points
+// the back-end primitives (src/backend.hpp); arguments were checked by src/ops.cpp
 // ================================================================================================
-void sum_ft(const void* x, DType dtype, Geometry g, double* out, int num_threads)
+void sum_ft(const TensorView& x, double* out, const Exec& exec)
 {
-  detail::check_input("sum_ft", dtype, g);
-  check_threads("sum_ft", num_threads);
-  detail::check_ptr("sum_ft", "x", x, detail::numel(g) > 0);
-  detail::check_ptr("sum_ft", "out", out, g.c > 0);
-  dispatch_dtype(dtype, [&](auto tag) {
+  const Geometry& g = x.geometry;
+  dispatch_dtype(x.dtype, [&](auto tag) {
     using T = decltype(tag);
     std::vector<double> s(g.c, 0.0), unused(g.c, 0.0);
     if (detail::numel(g) > 0) {
       const std::vector<double> zero(g.c, 0.0);
-      grad_sums<T>(static_cast<const T*>(x), nullptr, g, SplitMean<acc_t<T>>(zero.data(), g.c), s, unused, num_threads);
+      grad_sums<T>(static_cast<const T*>(x.data), nullptr, g, SplitMean<acc_t<T>>(zero.data(), g.c), s, unused,
+                   exec.num_threads);
     }
     std::copy(s.begin(), s.end(), out);
   });
 }
 
-void moments(const void* x, DType dtype, Geometry g, double* stats, int num_threads)
+void moments(const TensorView& x, double* record, const Exec& exec)
 {
-  detail::check_input("moments", dtype, g);
-  check_threads("moments", num_threads);
-  detail::check_ptr("moments", "x", x, detail::numel(g) > 0);
-  detail::check_ptr("moments", "stats", stats, true);
-  dispatch_dtype(dtype, [&](auto tag) {
+  const Geometry& g = x.geometry;
+  dispatch_dtype(x.dtype, [&](auto tag) {
     using T = decltype(tag);
     std::vector<Moments> m(g.c);
     if (detail::numel(g) > 0) {
       if (use_rows(g)) {
-        moments_rows<T>(static_cast<const T*>(x), g, m, num_threads);
+        moments_rows<T>(static_cast<const T*>(x.data), g, m, exec.num_threads);
       } else {
-        moments_cm<T>(static_cast<const T*>(x), g, m, num_threads);
+        moments_cm<T>(static_cast<const T*>(x.data), g, m, exec.num_threads);
       }
     }
-    stats[0] = static_cast<double>(g.n * g.l);
+    record[0] = static_cast<double>(g.n * g.l);
     for (int64_t c = 0; c < g.c; ++c) {
-      stats[1 + c] = m[c].mean;
-      stats[1 + g.c + c] = m[c].m2;
+      record[1 + c] = m[c].mean;
+      record[1 + g.c + c] = m[c].m2;
     }
   });
 }
 
-void merge_moments(int64_t k, int64_t c, const double* records, double* out)
+void merge_moments(int64_t k, int64_t c, const double* records, double* record, const Exec&)
 {
-  PYSBN_EXPECTS(k >= 1, "merge_moments: k (number of records) must be >= 1, got " + std::to_string(k));
-  PYSBN_EXPECTS(c >= 0, "merge_moments: c must be >= 0, got " + std::to_string(c));
-  detail::check_ptr("merge_moments", "records", records, true);
-  detail::check_ptr("merge_moments", "out", out, true);
-  const int64_t stride = 2 * c + 1;
+  const int64_t stride = record_size(c);
   double total = 0;
   for (int64_t i = 0; i < k; ++i) {
     PYSBN_EXPECTS(records[i * stride] >= 0,
@@ -1061,46 +1070,24 @@ void merge_moments(int64_t k, int64_t c, const double* records, double* out)
     const double* r = records + i * stride;
     for (int64_t j = 0; j < c; ++j) { m[j].merge(r[0], r[1 + j], r[1 + c + j]); }
   }
-  out[0] = total;
+  record[0] = total;
   for (int64_t j = 0; j < c; ++j) {
-    out[1 + j] = m[j].mean;
-    out[1 + c + j] = m[j].m2;
+    record[1 + j] = m[j].mean;
+    record[1 + c + j] = m[j].m2;
   }
 }
 
-namespace {
-
-void check_finalize(const char* op, int64_t c, const double* stats, double eps, EpsMode mode, const double* mean,
-                    const double* invstd, const void* running_mean, const void* running_var, DType running_dtype,
-                    const char* running_dtype_name, double factor)
+void finalize(int64_t c, const double* record, double eps, EpsMode mode, double* stats, const Exec&)
 {
-  const std::string o(op);
-  PYSBN_EXPECTS(c >= 0, o + ": c must be >= 0, got " + std::to_string(c));
-  PYSBN_EXPECTS(mode == EpsMode::Plus || mode == EpsMode::Clamp, o + ": mode must be Plus (0) or Clamp (1)");
-  PYSBN_EXPECTS(eps >= 0 && std::isfinite(eps), o + ": eps must be finite and >= 0, got " + std::to_string(eps));
-  PYSBN_EXPECTS(std::isfinite(factor), o + ": factor must be finite");
-  PYSBN_EXPECTS(detail::valid_dtype(running_dtype), o + ": " + running_dtype_name + " is not supported");
-  PYSBN_EXPECTS((running_mean == nullptr) == (running_var == nullptr),
-                o + ": running_mean and running_var must both be given or both be null");
-  detail::check_ptr(op, "stats", stats, true);
-  detail::check_ptr(op, "mean", mean, c > 0);
-  detail::check_ptr(op, "invstd", invstd, c > 0);
-}
-
-// mean[C] and invstd[C] from a moments record.
-void mean_invstd(int64_t c, const double* stats, double eps, EpsMode mode, double* mean, double* invstd)
-{
+  if (record != stats) { std::copy(record, record + record_size(c), stats); }
   const double n = stats[0];
-  if (!(n > 0)) {
-    const double is = 1.0 / std::sqrt(eps);  // var = 0 in both modes
-    std::fill(mean, mean + c, 0.0);
-    std::fill(invstd, invstd + c, is);
+  double* invstd = stats + 1 + 2 * c;
+  if (!(n > 0)) {  // no values: mean = 0 (written by moments / the merge), var = 0 in both modes
+    std::fill(invstd, invstd + c, 1.0 / std::sqrt(eps));
     return;
   }
   // Branch-free loops (they vectorise): var = m2 * (1 / n).
-  const double* mu = stats + 1;
   const double* m2 = stats + 1 + c;
-  std::copy(mu, mu + c, mean);
   const double inv_n = 1.0 / n;
   if (mode == EpsMode::Plus) {
 #pragma omp simd
@@ -1111,153 +1098,77 @@ void mean_invstd(int64_t c, const double* stats, double eps, EpsMode mode, doubl
   }
 }
 
-// running = (1 - factor) * running + factor * (mean, unbiased var); untouched when count == 0.
-void update_running(int64_t c, const double* stats, void* running_mean, void* running_var, DType dtype,
-                    double factor)
+void update_running(int64_t c, const double* stats, const RunningStats& r, const Exec&)
 {
+  int64_t tracked = 0;
+  if (r.num_batches_tracked != nullptr) { tracked = ++*r.num_batches_tracked; }
   const double n = stats[0];
-  if (running_mean == nullptr || !(n > 0)) { return; }
-  dispatch_dtype(dtype, [&](auto tag) {
+  if (r.mean == nullptr || !(n > 0)) { return; }
+  const double f = r.cumulative ? 1.0 / static_cast<double>(tracked) : r.momentum;
+  dispatch_dtype(r.dtype, [&](auto tag) {
     using P = decltype(tag);
     for (int64_t j = 0; j < c; ++j) {
-      stp<P>(running_mean, j, (1 - factor) * ldp<P>(running_mean, j) + factor * stats[1 + j]);
-      stp<P>(running_var, j, (1 - factor) * ldp<P>(running_var, j) + factor * (stats[1 + c + j] / (n - 1)));
+      stp<P>(r.mean, j, (1 - f) * ldp<P>(r.mean, j) + f * stats[1 + j]);
+      stp<P>(r.var, j, (1 - f) * ldp<P>(r.var, j) + f * (stats[1 + c + j] / (n - 1)));
     }
   });
 }
 
-// grad_weight[c] = sums[C + c] * invstd[c], grad_bias[c] = sums[c] (each when not null).
-void write_param_grads(int64_t c, const double* sums, const double* invstd, void* grad_weight, void* grad_bias,
-                       DType param_dtype)
+void normalize(const TensorView& x, const double* stats, const Affine& affine, const Act& act, void* y,
+               const Exec& exec)
 {
-  dispatch_dtype(param_dtype, [&](auto tag) {
-    using P = decltype(tag);
-    for (int64_t j = 0; j < c; ++j) {
-      if (grad_weight != nullptr) { stp<P>(grad_weight, j, sums[c + j] * invstd[j]); }
-      if (grad_bias != nullptr) { stp<P>(grad_bias, j, sums[j]); }
-    }
+  identity_only("normalize", act);
+  const Geometry& g = x.geometry;
+  const StatsParts s(stats, g.c);
+  advise_huge_pages(y, detail::numel(g) * dtype_size(x.dtype));
+  dispatch_io(x.dtype, affine.dtype, [&](auto tag, auto ptag) {
+    using T = decltype(tag);
+    normalize_impl<T, decltype(ptag)>(static_cast<const T*>(x.data), g, s.mean, s.invstd, affine.weight, affine.bias,
+                                      static_cast<T*>(y), exec.num_threads);
   });
 }
 
-}  // namespace
-
-void finalize(int64_t c, const double* stats, double eps, EpsMode mode, double* mean, double* invstd,
-              void* running_mean, void* running_var, DType param_dtype, double factor)
+void backward_reduce(const TensorView& x, const void* dy, const double* stats, const Affine& affine, const Act& act,
+                     double* sums, const AffineGrad& grad, const Exec& exec)
 {
-  check_finalize("finalize", c, stats, eps, mode, mean, invstd, running_mean, running_var, param_dtype, "param_dtype",
-                 factor);
-  mean_invstd(c, stats, eps, mode, mean, invstd);
-  update_running(c, stats, running_mean, running_var, param_dtype, factor);
-}
-
-void normalize(const void* x, DType dtype, Geometry g, const double* mean, const double* invstd, const void* weight,
-               const void* bias, DType param_dtype, void* y, int num_threads)
-{
-  detail::check_input("normalize", dtype, g);
-  detail::check_param_dtype("normalize", dtype, param_dtype);
-  check_threads("normalize", num_threads);
-  const bool data = detail::numel(g) > 0;
-  detail::check_ptr("normalize", "x", x, data);
-  detail::check_ptr("normalize", "y", y, data);
-  detail::check_ptr("normalize", "mean", mean, data);
-  detail::check_ptr("normalize", "invstd", invstd, data);
-  if (!data) { return; }
-  advise_huge_pages(y, detail::numel(g) * dtype_size(dtype));
-  dispatch_io(dtype, param_dtype, [&](auto tag, auto ptag) {
+  identity_only("backward_reduce", act);
+  (void)affine;
+  const Geometry& g = x.geometry;
+  const int64_t c = g.c;
+  dispatch_dtype(x.dtype, [&](auto tag) {
     using T = decltype(tag);
-    normalize_impl<T, decltype(ptag)>(static_cast<const T*>(x), g, mean, invstd, weight, bias, static_cast<T*>(y),
-                                      num_threads);
-  });
-}
-
-void backward_reduce(const void* dy, const void* x, DType dtype, Geometry g, const double* mean,
-                     const double* invstd, double* sums, void* grad_weight, void* grad_bias, DType param_dtype,
-                     int num_threads)
-{
-  detail::check_input("backward_reduce", dtype, g);
-  detail::check_param_dtype("backward_reduce", dtype, param_dtype);
-  check_threads("backward_reduce", num_threads);
-  const bool data = detail::numel(g) > 0;
-  detail::check_ptr("backward_reduce", "dy", dy, data);
-  detail::check_ptr("backward_reduce", "x", x, data);
-  detail::check_ptr("backward_reduce", "mean", mean, data);
-  detail::check_ptr("backward_reduce", "invstd", invstd, g.c > 0 && grad_weight != nullptr);
-  detail::check_ptr("backward_reduce", "sums", sums, g.c > 0);
-  dispatch_dtype(dtype, [&](auto tag) {
-    using T = decltype(tag);
-    std::vector<double> s1(g.c, 0.0), s2(g.c, 0.0);
-    if (data) {
-      grad_sums<T>(static_cast<const T*>(dy), static_cast<const T*>(x), g, SplitMean<acc_t<T>>(mean, g.c), s1, s2,
-                   num_threads);
+    std::vector<double> s1(c, 0.0), s2(c, 0.0);
+    if (detail::numel(g) > 0) {
+      grad_sums<T>(static_cast<const T*>(dy), static_cast<const T*>(x.data), g, SplitMean<acc_t<T>>(stats + 1, c), s1,
+                   s2, exec.num_threads);
     }
     std::copy(s1.begin(), s1.end(), sums);
-    std::copy(s2.begin(), s2.end(), sums + g.c);
+    std::copy(s2.begin(), s2.end(), sums + c);
   });
-  write_param_grads(g.c, sums, invstd, grad_weight, grad_bias, param_dtype);
+  if (grad.weight == nullptr && grad.bias == nullptr) { return; }
+  const double* invstd = grad.weight != nullptr ? stats + 1 + 2 * c : nullptr;  // stats may be null otherwise
+  dispatch_dtype(grad.dtype, [&](auto tag) {
+    using P = decltype(tag);
+    for (int64_t j = 0; j < c; ++j) {
+      if (grad.weight != nullptr) { stp<P>(grad.weight, j, sums[c + j] * invstd[j]); }
+      if (grad.bias != nullptr) { stp<P>(grad.bias, j, sums[j]); }
+    }
+  });
 }
 
-void backward_elemt(const void* dy, const void* x, DType dtype, Geometry g, const double* mean, const double* invstd,
-                    const void* weight, DType param_dtype, const double* sums, const double* count, void* dx,
-                    int num_threads)
+void backward_elemt(const TensorView& x, const void* dy, const double* stats, double eps, EpsMode mode,
+                    const Affine& affine, const Act& act, const double* sums, void* dx, const Exec& exec)
 {
-  detail::check_input("backward_elemt", dtype, g);
-  detail::check_param_dtype("backward_elemt", dtype, param_dtype);
-  check_threads("backward_elemt", num_threads);
-  const bool data = detail::numel(g) > 0;
-  detail::check_ptr("backward_elemt", "dy", dy, data);
-  detail::check_ptr("backward_elemt", "x", x, data);
-  detail::check_ptr("backward_elemt", "dx", dx, data);
-  detail::check_ptr("backward_elemt", "mean", mean, data);
-  detail::check_ptr("backward_elemt", "invstd", invstd, data);
-  detail::check_ptr("backward_elemt", "sums", sums, data);
-  detail::check_ptr("backward_elemt", "count", count, data);
-  if (!data) { return; }
-  advise_huge_pages(dx, detail::numel(g) * dtype_size(dtype));
-  dispatch_io(dtype, param_dtype, [&](auto tag, auto ptag) {
+  identity_only("backward_elemt", act);
+  const Geometry& g = x.geometry;
+  const StatsParts s(stats, g.c);
+  advise_huge_pages(dx, detail::numel(g) * dtype_size(x.dtype));
+  dispatch_io(x.dtype, affine.dtype, [&](auto tag, auto ptag) {
     using T = decltype(tag);
-    elemt_impl<T, decltype(ptag)>(static_cast<const T*>(dy), static_cast<const T*>(x), g, mean, invstd, weight, sums,
-                                  *count, static_cast<T*>(dx), num_threads);
+    elemt_impl<T, decltype(ptag)>(static_cast<const T*>(dy), static_cast<const T*>(x.data), g, s.mean, s.invstd,
+                                  affine.weight, sums, s.count, mode == EpsMode::Clamp ? s.m2 : nullptr, eps,
+                                  static_cast<T*>(dx), exec.num_threads);
   });
-}
-
-void fused_forward(const void* x, DType dtype, Geometry g, const void* weight, const void* bias, DType param_dtype,
-                   double eps, EpsMode mode, double* stats, double* mean, double* invstd, void* running_mean,
-                   void* running_var, DType running_dtype, double factor, int64_t* num_batches_tracked, void* y,
-                   int num_threads)
-{
-  // Every argument is checked before anything is written, so a throw leaves the caller's state
-  // (running stats, num_batches_tracked) as it was.
-  detail::check_input("fused_forward", dtype, g);
-  detail::check_param_dtype("fused_forward", dtype, param_dtype);
-  check_threads("fused_forward", num_threads);
-  check_finalize("fused_forward", g.c, stats, eps, mode, mean, invstd, running_mean, running_var, running_dtype,
-                 "running_dtype", factor);
-  const bool data = detail::numel(g) > 0;
-  detail::check_ptr("fused_forward", "x", x, data);
-  detail::check_ptr("fused_forward", "y", y, data);
-  moments(x, dtype, g, stats, num_threads);
-  mean_invstd(g.c, stats, eps, mode, mean, invstd);
-  normalize(x, dtype, g, mean, invstd, weight, bias, param_dtype, y, num_threads);
-  update_running(g.c, stats, running_mean, running_var, running_dtype, factor);
-  if (num_batches_tracked != nullptr) { ++*num_batches_tracked; }
-}
-
-void fused_backward(const void* dy, const void* x, DType dtype, Geometry g, const double* mean,
-                    const double* invstd, const void* weight, DType param_dtype, const double* count, double* sums,
-                    void* grad_weight, void* grad_bias, void* dx, int num_threads)
-{
-  detail::check_input("fused_backward", dtype, g);
-  detail::check_param_dtype("fused_backward", dtype, param_dtype);
-  check_threads("fused_backward", num_threads);
-  const bool data = detail::numel(g) > 0;
-  detail::check_ptr("fused_backward", "dy", dy, data);
-  detail::check_ptr("fused_backward", "x", x, data);
-  detail::check_ptr("fused_backward", "mean", mean, data);
-  detail::check_ptr("fused_backward", "invstd", invstd, data || (g.c > 0 && grad_weight != nullptr));
-  detail::check_ptr("fused_backward", "sums", sums, g.c > 0);
-  detail::check_ptr("fused_backward", "count", count, data && dx != nullptr);
-  backward_reduce(dy, x, dtype, g, mean, invstd, sums, grad_weight, grad_bias, param_dtype, num_threads);
-  if (dx != nullptr) { backward_elemt(dy, x, dtype, g, mean, invstd, weight, param_dtype, sums, count, dx, num_threads); }
 }
 
 }  // namespace pysbn::cpu

@@ -19,6 +19,7 @@
 // Values accumulate in acc_t<T> per thread (moments: shifted by the channel's first value,
 // corrected two-pass per batch, Chan into the thread's state); threads are merged in double
 // and every per-channel statistic is written as double (core.hpp).
+#include "backend.hpp"
 #include "common.hpp"
 
 #include <pysbn/core.hpp>
@@ -363,6 +364,8 @@ template <typename Acc> struct BackwardElemtOp {
     const double* sums;
     const double* count;
     int64_t c;
+    const double* clamp_m2;  // eps mode Clamp: the record's m2 (else null)
+    double eps;
   };
   struct Coef {
     Center<Acc> mean;
@@ -374,8 +377,10 @@ template <typename Acc> struct BackwardElemtOp {
     if (!(n > 0.0)) { return {Center<Acc>{}, Acc(0), Acc(0), Acc(0)}; }
     const double is = a.invstd[c];
     const double w = a.weight != nullptr ? load_param<double>(a.weight, a.pd, c) : 1.0;
+    // Eps mode Clamp: a channel with var < eps has invstd = 1/sqrt(eps): no variance term.
+    const bool clamped = a.clamp_m2 != nullptr && a.clamp_m2[c] / n < a.eps;
     return {split_center<Acc>(a.mean[c]), static_cast<Acc>(a.sums[c] / n),
-            static_cast<Acc>(is * is * a.sums[a.c + c] / n), static_cast<Acc>(is * w)};
+            static_cast<Acc>(clamped ? 0.0 : is * is * a.sums[a.c + c] / n), static_cast<Acc>(is * w)};
   }
   static __device__ __forceinline__ Acc apply(const Coef& k, Acc dy, Acc x)
   {
@@ -667,33 +672,42 @@ __global__ void merge_moments_kernel(int64_t k, int64_t n_ch, const double* __re
   }
 }
 
-/// mean, invstd and the running-stat update from one moments record; count is read here, on
-/// the device, so the host never waits for it.
-__global__ void finalize_kernel(int64_t n_ch, const double* __restrict__ stats, double eps, EpsMode mode,
-                                double* __restrict__ mean, double* __restrict__ invstd, void* running_mean,
-                                void* running_var, DType pd, double factor)
+/// The batch statistics from one moments record (copied when it is another buffer) and invstd;
+/// the count is read here, on the device, so the host never waits for it.
+__global__ void finalize_kernel(int64_t n_ch, const double* record, double eps, EpsMode mode, double* stats)
 {
-  const double n = stats[0];
+  const double n = record[0];
   const bool has = n > 0;
-  for (int64_t c = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; c < n_ch;
-       c += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const double m = has ? stats[1 + c] : 0.0;
-    const double m2 = has ? stats[1 + n_ch + c] : 0.0;
-    const double var = has ? m2 / n : 0.0;
+  const int64_t start = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  if (record != stats) {
+    for (int64_t i = start; i < 2 * n_ch + 1; i += step) { stats[i] = record[i]; }
+  }
+  for (int64_t c = start; c < n_ch; c += step) {
+    const double var = has ? record[1 + n_ch + c] / n : 0.0;
     const double denom = mode == EpsMode::Clamp ? fmax(var, eps) : var + eps;
-    mean[c] = m;
-    invstd[c] = 1.0 / sqrt(denom);
-    if (has && running_mean != nullptr) {
-      const double rm = load_param<double>(running_mean, pd, c);
-      const double rv = load_param<double>(running_var, pd, c);
-      store_param(running_mean, pd, c, (1.0 - factor) * rm + factor * m);
-      store_param(running_var, pd, c, (1.0 - factor) * rv + factor * (m2 / (n - 1.0)));
-    }
+    stats[1 + 2 * n_ch + c] = 1.0 / sqrt(denom);
   }
 }
 
-/// ++*counter on the device (num_batches_tracked of the fused forward).
-__global__ void increment_kernel(int64_t* counter) { *counter += 1; }
+/// The running-stat update (and ++num_batches_tracked) from the batch statistics. One block:
+/// every thread reads the counter before thread 0 increments it.
+__global__ void update_running_kernel(int64_t n_ch, const double* __restrict__ stats, RunningStats r)
+{
+  int64_t tracked = 0;
+  if (r.num_batches_tracked != nullptr) { tracked = *r.num_batches_tracked + 1; }
+  __syncthreads();
+  if (threadIdx.x == 0 && r.num_batches_tracked != nullptr) { *r.num_batches_tracked = tracked; }
+  const double n = stats[0];
+  if (r.mean == nullptr || !(n > 0)) { return; }
+  const double f = r.cumulative ? 1.0 / static_cast<double>(tracked) : r.momentum;
+  for (int64_t c = threadIdx.x; c < n_ch; c += blockDim.x) {
+    const double rm = load_param<double>(r.mean, r.dtype, c);
+    const double rv = load_param<double>(r.var, r.dtype, c);
+    store_param(r.mean, r.dtype, c, (1.0 - f) * rm + f * stats[1 + c]);
+    store_param(r.var, r.dtype, c, (1.0 - f) * rv + f * (stats[1 + n_ch + c] / (n - 1.0)));
+  }
+}
 
 // ---- host launchers --------------------------------------------------------------------------
 
@@ -841,198 +855,139 @@ void zero_async(const char* op, void* p, int64_t bytes, cudaStream_t s)
 
 cudaStream_t as_stream(void* stream) { return static_cast<cudaStream_t>(stream); }
 
+/// mean, m2 and invstd of the batch statistics (see core.hpp).
+struct StatsParts {
+  const double* count;
+  const double* mean;
+  const double* m2;
+  const double* invstd;
+  StatsParts(const double* stats, int64_t c) : count(stats), mean(stats + 1), m2(stats + 1 + c), invstd(stats + 1 + 2 * c) {}
+};
+
+// Temporary: the activations other than Identity come with their kernels.
+void identity_only(const char* op, const Act& act)
+{
+  PYSBN_EXPECTS(act.kind == Activation::Identity, std::string(op) + ": activation not available yet");
+}
+
 }  // namespace
 
-// ---- the ops ---------------------------------------------------------------------------------
+// ---- the back-end primitives (src/backend.hpp); arguments were checked by src/ops.cpp --------
 
-void sum_ft(const void* x, DType dtype, Geometry g, double* out, void* stream)
+void sum_ft(const TensorView& x, double* out, const Exec& exec)
 {
   constexpr const char* op = "sum_ft";
-  detail::check_input(op, dtype, g);
-  const bool has_values = g.n * g.l > 0;
-  detail::check_ptr(op, "x", x, has_values && g.c > 0);
-  detail::check_ptr(op, "out", out, g.c > 0);
+  const Geometry& g = x.geometry;
   if (g.c == 0) { return; }
-  const cudaStream_t s = as_stream(stream);
-  if (!has_values) {
+  const cudaStream_t s = as_stream(exec.stream);
+  if (g.n * g.l == 0) {
     zero_async(op, out, g.c * static_cast<int64_t>(sizeof(double)), s);
     return;
   }
-  dispatch(dtype, [&](auto tag) {
+  dispatch(x.dtype, [&](auto tag) {
     using T = decltype(tag);
     using Op = SumOp<acc_t<T>>;
-    run_reduce<Op, T>(op, static_cast<const T*>(x), nullptr, g, typename Op::Args{out}, s);
+    run_reduce<Op, T>(op, static_cast<const T*>(x.data), nullptr, g, typename Op::Args{out}, s);
   });
 }
 
-void moments(const void* x, DType dtype, Geometry g, double* stats, void* stream)
+void moments(const TensorView& x, double* record, const Exec& exec)
 {
   constexpr const char* op = "moments";
-  detail::check_input(op, dtype, g);
+  const Geometry& g = x.geometry;
   const int64_t count = g.n * g.l;
-  detail::check_ptr(op, "x", x, count > 0 && g.c > 0);
-  detail::check_ptr(op, "stats", stats, true);
-  const cudaStream_t s = as_stream(stream);
+  const cudaStream_t s = as_stream(exec.stream);
   if (count == 0 || g.c == 0) {
-    const int64_t blocks = ceil_div(2 * g.c + 1, kSmallThreads);
-    fill_stats_kernel<<<grid_dim(blocks), kSmallThreads, 0, s>>>(stats, g.c, static_cast<double>(count));
+    const int64_t blocks = ceil_div(record_size(g.c), kSmallThreads);
+    fill_stats_kernel<<<grid_dim(blocks), kSmallThreads, 0, s>>>(record, g.c, static_cast<double>(count));
     check_launch(op);
     return;
   }
-  dispatch(dtype, [&](auto tag) {
+  dispatch(x.dtype, [&](auto tag) {
     using T = decltype(tag);
     using Op = MomentsOp<acc_t<T>>;
-    run_reduce<Op, T>(op, static_cast<const T*>(x), nullptr, g,
-                      typename Op::Args{stats, g.c, static_cast<double>(count)}, s);
+    run_reduce<Op, T>(op, static_cast<const T*>(x.data), nullptr, g,
+                      typename Op::Args{record, g.c, static_cast<double>(count)}, s);
   });
 }
 
-void merge_moments(int64_t k, int64_t c, const double* records, double* out, void* stream)
+void merge_moments(int64_t k, int64_t c, const double* records, double* record, const Exec& exec)
 {
-  constexpr const char* op = "merge_moments";
-  PYSBN_EXPECTS(k >= 0, std::string(op) + ": k must be non-negative, got " + std::to_string(k));
-  PYSBN_EXPECTS(c >= 0, std::string(op) + ": c must be non-negative, got " + std::to_string(c));
-  detail::check_ptr(op, "records", records, k > 0);
-  detail::check_ptr(op, "out", out, true);
   const unsigned blocks = grid_dim(ceil_div(c, kSmallThreads));  // >= 1: thread 0 writes the count
-  merge_moments_kernel<<<blocks, kSmallThreads, 0, as_stream(stream)>>>(k, c, records, out);
-  check_launch(op);
+  merge_moments_kernel<<<blocks, kSmallThreads, 0, as_stream(exec.stream)>>>(k, c, records, record);
+  check_launch("merge_moments");
 }
 
-void finalize(int64_t c, const double* stats, double eps, EpsMode mode, double* mean, double* invstd,
-              void* running_mean, void* running_var, DType param_dtype, double factor, void* stream)
+void finalize(int64_t c, const double* record, double eps, EpsMode mode, double* stats, const Exec& exec)
 {
-  constexpr const char* op = "finalize";
-  PYSBN_EXPECTS(c >= 0, std::string(op) + ": c must be non-negative, got " + std::to_string(c));
-  PYSBN_EXPECTS(mode == EpsMode::Plus || mode == EpsMode::Clamp,
-                std::string(op) + ": mode must be Plus (0) or Clamp (1)");
-  PYSBN_EXPECTS(eps >= 0 && std::isfinite(eps),
-                std::string(op) + ": eps must be finite and >= 0, got " + std::to_string(eps));
-  PYSBN_EXPECTS(std::isfinite(factor), std::string(op) + ": factor must be finite");
-  PYSBN_EXPECTS((running_mean == nullptr) == (running_var == nullptr),
-                std::string(op) + ": running_mean and running_var must both be given or both be null");
-  PYSBN_EXPECTS(detail::valid_dtype(param_dtype),
-                std::string(op) + ": param_dtype " + detail::dtype_name(param_dtype) + " is not supported");
-  detail::check_ptr(op, "stats", stats, c > 0);
-  detail::check_ptr(op, "mean", mean, c > 0);
-  detail::check_ptr(op, "invstd", invstd, c > 0);
-  if (c == 0) { return; }
-  const unsigned blocks = grid_dim(ceil_div(c, kSmallThreads));
-  finalize_kernel<<<blocks, kSmallThreads, 0, as_stream(stream)>>>(c, stats, eps, mode, mean, invstd, running_mean,
-                                                                   running_var, param_dtype, factor);
-  check_launch(op);
+  const unsigned blocks = grid_dim(ceil_div(record_size(c), kSmallThreads));
+  finalize_kernel<<<blocks, kSmallThreads, 0, as_stream(exec.stream)>>>(c, record, eps, mode, stats);
+  check_launch("finalize");
 }
 
-void normalize(const void* x, DType dtype, Geometry g, const double* mean, const double* invstd,
-               const void* weight, const void* bias, DType param_dtype, void* y, void* stream)
+void update_running(int64_t c, const double* stats, const RunningStats& running, const Exec& exec)
+{
+  if (running.mean == nullptr && running.num_batches_tracked == nullptr) { return; }
+  update_running_kernel<<<1, kSmallThreads, 0, as_stream(exec.stream)>>>(c, stats, running);
+  check_launch("update_running");
+}
+
+void normalize(const TensorView& x, const double* stats, const Affine& affine, const Act& act, void* y,
+               const Exec& exec)
 {
   constexpr const char* op = "normalize";
-  detail::check_input(op, dtype, g);
-  detail::check_param_dtype(op, dtype, param_dtype);
-  const bool work = detail::numel(g) > 0;
-  detail::check_ptr(op, "x", x, work);
-  detail::check_ptr(op, "mean", mean, work);
-  detail::check_ptr(op, "invstd", invstd, work);
-  detail::check_ptr(op, "y", y, work);
-  if (!work) { return; }
-  const cudaStream_t s = as_stream(stream);
-  dispatch(dtype, [&](auto tag) {
+  identity_only(op, act);
+  const Geometry& g = x.geometry;
+  const StatsParts sp(stats, g.c);
+  const cudaStream_t s = as_stream(exec.stream);
+  dispatch(x.dtype, [&](auto tag) {
     using T = decltype(tag);
     using Acc = acc_t<T>;
-    typename NormalizeOp<Acc>::Args args{mean, invstd, weight, bias, param_dtype};
-    run_elementwise<NormalizeOp<Acc>, T>(op, static_cast<const T*>(x), nullptr, static_cast<T*>(y), g, args, s);
+    typename NormalizeOp<Acc>::Args args{sp.mean, sp.invstd, affine.weight, affine.bias, affine.dtype};
+    run_elementwise<NormalizeOp<Acc>, T>(op, static_cast<const T*>(x.data), nullptr, static_cast<T*>(y), g, args, s);
   });
 }
 
-void backward_reduce(const void* dy, const void* x, DType dtype, Geometry g, const double* mean,
-                     const double* invstd, double* sums, void* grad_weight, void* grad_bias, DType param_dtype,
-                     void* stream)
+void backward_reduce(const TensorView& x, const void* dy, const double* stats, const Affine& affine, const Act& act,
+                     double* sums, const AffineGrad& grad, const Exec& exec)
 {
   constexpr const char* op = "backward_reduce";
-  detail::check_input(op, dtype, g);
-  detail::check_param_dtype(op, dtype, param_dtype);
-  const bool has_values = g.n * g.l > 0;
-  const bool work = has_values && g.c > 0;
-  detail::check_ptr(op, "dy", dy, work);
-  detail::check_ptr(op, "x", x, work);
-  detail::check_ptr(op, "mean", mean, work);
-  detail::check_ptr(op, "invstd", invstd, work && grad_weight != nullptr);
-  detail::check_ptr(op, "sums", sums, g.c > 0);
+  identity_only(op, act);
+  (void)affine;
+  const Geometry& g = x.geometry;
   if (g.c == 0) { return; }
-  const cudaStream_t s = as_stream(stream);
-  if (!has_values) {
-    zero_async(op, sums, 2 * g.c * static_cast<int64_t>(sizeof(double)), s);
-    zero_async(op, grad_weight, g.c * dtype_size(param_dtype), s);
-    zero_async(op, grad_bias, g.c * dtype_size(param_dtype), s);
+  const cudaStream_t s = as_stream(exec.stream);
+  if (g.n * g.l == 0) {
+    zero_async(op, sums, sums_size(g.c) * static_cast<int64_t>(sizeof(double)), s);
+    zero_async(op, grad.weight, g.c * dtype_size(grad.dtype), s);
+    zero_async(op, grad.bias, g.c * dtype_size(grad.dtype), s);
     return;
   }
-  dispatch(dtype, [&](auto tag) {
+  const StatsParts sp(stats, g.c);
+  dispatch(x.dtype, [&](auto tag) {
     using T = decltype(tag);
     using Acc = acc_t<T>;
-    typename GradOp<Acc>::Args args{mean, invstd, sums, grad_weight, grad_bias, param_dtype, g.c};
-    run_reduce<GradOp<Acc>, T>(op, static_cast<const T*>(dy), static_cast<const T*>(x), g, args, s);
+    typename GradOp<Acc>::Args args{sp.mean, sp.invstd, sums, grad.weight, grad.bias, grad.dtype, g.c};
+    run_reduce<GradOp<Acc>, T>(op, static_cast<const T*>(dy), static_cast<const T*>(x.data), g, args, s);
   });
 }
 
-void backward_elemt(const void* dy, const void* x, DType dtype, Geometry g, const double* mean,
-                    const double* invstd, const void* weight, DType param_dtype, const double* sums,
-                    const double* count, void* dx, void* stream)
+void backward_elemt(const TensorView& x, const void* dy, const double* stats, double eps, EpsMode mode,
+                    const Affine& affine, const Act& act, const double* sums, void* dx, const Exec& exec)
 {
   constexpr const char* op = "backward_elemt";
-  detail::check_input(op, dtype, g);
-  detail::check_param_dtype(op, dtype, param_dtype);
-  const bool work = detail::numel(g) > 0;
-  detail::check_ptr(op, "dy", dy, work);
-  detail::check_ptr(op, "x", x, work);
-  detail::check_ptr(op, "mean", mean, work);
-  detail::check_ptr(op, "invstd", invstd, work);
-  detail::check_ptr(op, "sums", sums, work);
-  detail::check_ptr(op, "count", count, work);
-  detail::check_ptr(op, "dx", dx, work);
-  if (!work) { return; }
-  const cudaStream_t s = as_stream(stream);
-  dispatch(dtype, [&](auto tag) {
+  identity_only(op, act);
+  const Geometry& g = x.geometry;
+  const StatsParts sp(stats, g.c);
+  const cudaStream_t s = as_stream(exec.stream);
+  dispatch(x.dtype, [&](auto tag) {
     using T = decltype(tag);
     using Acc = acc_t<T>;
-    typename BackwardElemtOp<Acc>::Args args{mean, invstd, weight, param_dtype, sums, count, g.c};
-    run_elementwise<BackwardElemtOp<Acc>, T>(op, static_cast<const T*>(dy), static_cast<const T*>(x),
+    typename BackwardElemtOp<Acc>::Args args{sp.mean, sp.invstd, affine.weight, affine.dtype, sums, sp.count, g.c,
+                                             mode == EpsMode::Clamp ? sp.m2 : nullptr, eps};
+    run_elementwise<BackwardElemtOp<Acc>, T>(op, static_cast<const T*>(dy), static_cast<const T*>(x.data),
                                              static_cast<T*>(dx), g, args, s);
   });
-}
-
-void fused_forward(const void* x, DType dtype, Geometry g, const void* weight, const void* bias, DType param_dtype,
-                   double eps, EpsMode mode, double* stats, double* mean, double* invstd, void* running_mean,
-                   void* running_var, DType running_dtype, double factor, int64_t* num_batches_tracked, void* y,
-                   void* stream)
-{
-  constexpr const char* op = "fused_forward";
-  detail::check_input(op, dtype, g);
-  detail::check_param_dtype(op, dtype, param_dtype);
-  detail::check_ptr(op, "stats", stats, true);
-  detail::check_ptr(op, "x", x, detail::numel(g) > 0);
-  detail::check_ptr(op, "y", y, detail::numel(g) > 0);
-  PYSBN_EXPECTS((running_mean == nullptr) == (running_var == nullptr),
-                std::string(op) + ": running_mean and running_var must both be given or both be null");
-  // The composed ops check the rest before they enqueue anything; the running statistics and
-  // the counter are updated by the last launches, after normalize was enqueued.
-  moments(x, dtype, g, stats, stream);
-  finalize(g.c, stats, eps, mode, mean, invstd, nullptr, nullptr, running_dtype, factor, stream);
-  normalize(x, dtype, g, mean, invstd, weight, bias, param_dtype, y, stream);
-  if (running_mean != nullptr || running_var != nullptr) {
-    finalize(g.c, stats, eps, mode, mean, invstd, running_mean, running_var, running_dtype, factor, stream);
-  }
-  if (num_batches_tracked != nullptr) {
-    increment_kernel<<<1, 1, 0, as_stream(stream)>>>(num_batches_tracked);
-    check_launch(op);
-  }
-}
-
-void fused_backward(const void* dy, const void* x, DType dtype, Geometry g, const double* mean,
-                    const double* invstd, const void* weight, DType param_dtype, const double* count, double* sums,
-                    void* grad_weight, void* grad_bias, void* dx, void* stream)
-{
-  backward_reduce(dy, x, dtype, g, mean, invstd, sums, grad_weight, grad_bias, param_dtype, stream);
-  if (dx != nullptr) { backward_elemt(dy, x, dtype, g, mean, invstd, weight, param_dtype, sums, count, dx, stream); }
 }
 
 }  // namespace pysbn::cuda

@@ -1,10 +1,13 @@
 // SPDX-License-Identifier: MIT
-// Tests of every pysbn::cpu op against a reference written here: plain loops in long double
-// over the dequantised inputs (two-pass moments), never the kernels' own output and never
-// hard-coded numbers. Covers both layouts, the four dtypes (float16 / bfloat16 held as bit
-// patterns, with conversions written below), mixed-precision parameters, odd and empty shapes,
-// 1-3 threads, large offsets, both EpsModes and the running stats, a two-replica sync chain
-// against one batch norm over the whole batch, and the argument errors. Statistics buffers are
+// Tests of every pysbn op on the CPU (Exec{Device::CPU, threads}) against a reference written
+// here: plain loops in long double over the dequantised inputs (two-pass moments), never the
+// kernels' own output and never hard-coded numbers. Covers both layouts, the four dtypes
+// (float16 / bfloat16 held as bit patterns, with conversions written below), mixed-precision
+// parameters, odd and empty shapes, 1-3 threads, large offsets, both EpsModes (including the
+// dropped variance term of clamped channels in backward_elemt), the running stats (momentum and
+// cumulative with num_batches_tracked), the composites (batch_norm_forward with and without a
+// given record, batch_norm_backward), a two-replica sync chain against one batch norm over the
+// whole batch, and the argument errors (named, and nothing written). Statistics buffers are
 // float64 (the contract); their tolerances follow the accumulation type inside the kernels.
 #include <gtest/gtest.h>
 #include <pysbn/core.hpp>
@@ -15,6 +18,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <functional>
 #include <initializer_list>
 #include <iomanip>
 #include <limits>
@@ -27,11 +31,18 @@
 
 namespace {
 
+using pysbn::Act;
+using pysbn::Activation;
+using pysbn::Affine;
+using pysbn::AffineGrad;
+using pysbn::Device;
 using pysbn::DType;
 using pysbn::EpsMode;
+using pysbn::Exec;
 using pysbn::Geometry;
 using pysbn::Layout;
-namespace cpu = pysbn::cpu;
+using pysbn::RunningStats;
+using pysbn::TensorView;
 using ld = long double;
 
 constexpr std::array<int, 3> kThreads = {1, 2, 3};
@@ -394,6 +405,30 @@ std::vector<double> nans(int64_t n)
   return std::vector<double>(static_cast<size_t>(n), std::numeric_limits<double>::quiet_NaN());
 }
 
+/// The CPU with `t` OpenMP threads.
+Exec cpu_exec(int t) { return Exec{Device::CPU, t, nullptr}; }
+
+/// The batch statistics [count, mean[C], m2[C], invstd[C]] (see core.hpp) from their parts.
+std::vector<double> make_stats(double count, const std::vector<double>& mean, const std::vector<double>& m2,
+                               const std::vector<double>& invstd)
+{
+  std::vector<double> s{count};
+  s.insert(s.end(), mean.begin(), mean.end());
+  s.insert(s.end(), m2.begin(), m2.end());
+  s.insert(s.end(), invstd.begin(), invstd.end());
+  return s;
+}
+
+/// Slices of a float64 buffer: [begin, begin + n).
+std::vector<double> slice(const std::vector<double>& v, int64_t begin, int64_t n)
+{
+  return std::vector<double>(v.begin() + begin, v.begin() + begin + n);
+}
+
+/// mean[C] and invstd[C] of the batch statistics.
+std::vector<double> stats_mean(const std::vector<double>& s, int64_t c) { return slice(s, 1, c); }
+std::vector<double> stats_invstd(const std::vector<double>& s, int64_t c) { return slice(s, 1 + 2 * c, c); }
+
 // ---- the op cases -------------------------------------------------------------------------------
 
 struct OpCase {
@@ -481,19 +516,27 @@ class CpuOps : public ::testing::TestWithParam<OpCase> {
     // so those are tested independently of moments/finalize.
     mean_.resize(static_cast<size_t>(p.c));
     invstd_.resize(static_cast<size_t>(p.c));
+    m2_.resize(static_cast<size_t>(p.c));
     for (size_t c = 0; c < mean_.size(); ++c) {
       mean_[c] = static_cast<double>(ref_.mean[c]);
+      m2_[c] = static_cast<double>(ref_.m2[c]);
       const ld var = ref_.count ? ref_.m2[c] / static_cast<ld>(ref_.count) : 0.0L;
       invstd_[c] = static_cast<double>(1.0L / std::sqrt(var + 1e-5L));
     }
+    // The batch statistics of those. m2 is NaN: normalize, backward_reduce and backward_elemt
+    // in eps mode Plus read only the count, the mean and invstd (the contract).
+    stats_ = make_stats(static_cast<double>(ref_.count), mean_, nans(p.c), invstd_);
   }
+
+  /// x as the ops see it.
+  TensorView xv() const { return TensorView{x_.data(), GetParam().dtype, g_}; }
 
   Geometry g_;
   DType acc_ = DType::Float32;  // the accumulation type inside the kernels: sets the tolerances
   std::mt19937 rng_;
   Buf x_, dy_;
   RefStats ref_;
-  std::vector<double> mean_, invstd_;
+  std::vector<double> mean_, invstd_, m2_, stats_;
 };
 
 TEST_P(CpuOps, SumFtMatchesDoubleSum)
@@ -508,7 +551,7 @@ TEST_P(CpuOps, SumFtMatchesDoubleSum)
   for (int t : kThreads) {
     SCOPED_TRACE("num_threads=" + std::to_string(t));
     std::vector<double> out = nans(p.c);
-    cpu::sum_ft(x_.data(), p.dtype, g_, out.data(), t);
+    pysbn::sum_ft(xv(), out.data(), cpu_exec(t));
     expect_near_all("sum_ft", out, ref, tol);
     if (first.empty()) { first = out; } else { expect_near_all("sum_ft vs 1 thread", out, first, tol); }
   }
@@ -521,8 +564,8 @@ TEST_P(CpuOps, MomentsMatchTwoPassReference)
   std::vector<double> first;
   for (int t : kThreads) {
     SCOPED_TRACE("num_threads=" + std::to_string(t));
-    std::vector<double> st = nans(2 * p.c + 1);
-    cpu::moments(x_.data(), p.dtype, g_, st.data(), t);
+    std::vector<double> st = nans(pysbn::record_size(p.c));
+    pysbn::moments(xv(), st.data(), cpu_exec(t));
     EXPECT_EQ(st[0], static_cast<double>(p.n * p.l)) << "count";
     expect_near_all("moments", st, ref, tol);
     if (first.empty()) { first = st; } else { expect_near_all("moments vs 1 thread", st, first, tol); }
@@ -553,8 +596,8 @@ TEST_P(CpuOps, NormalizeWithAndWithoutAffine)
       SCOPED_TRACE("num_threads=" + std::to_string(t));
       Buf y(p.dtype, numel(g_));
       y.poison();
-      cpu::normalize(x_.data(), p.dtype, g_, mean_.data(), invstd_.data(), has_w ? w.data() : nullptr,
-                     has_b ? b.data() : nullptr, p.param, y.data(), t);
+      pysbn::normalize(xv(), stats_.data(), Affine{has_w ? w.data() : nullptr, has_b ? b.data() : nullptr, p.param},
+                       Act{}, y.data(), cpu_exec(t));
       expect_near_all("normalize", y.values(), ref, tol);
       if (first.empty()) { first = y.values(); } else { expect_near_all("normalize vs 1 thread", y.values(), first, tol); }
     }
@@ -592,12 +635,13 @@ TEST_P(CpuOps, BackwardReduceSumsAndParamGrads)
     std::vector<double> first;
     for (int t : kThreads) {
       SCOPED_TRACE("num_threads=" + std::to_string(t));
-      std::vector<double> sums = nans(2 * p.c);
+      std::vector<double> sums = nans(pysbn::sums_size(p.c));
       Buf gw(p.param, p.c), gb(p.param, p.c);
       gw.poison();
       gb.poison();
-      cpu::backward_reduce(dy_.data(), x_.data(), p.dtype, g_, mean_.data(), invstd_.data(), sums.data(),
-                           has_gw ? gw.data() : nullptr, has_gb ? gb.data() : nullptr, p.param, t);
+      pysbn::backward_reduce(xv(), dy_.data(), stats_.data(), Affine{}, Act{}, sums.data(),
+                             AffineGrad{has_gw ? gw.data() : nullptr, has_gb ? gb.data() : nullptr, p.param},
+                             cpu_exec(t));
       expect_near_all("backward_reduce sums", sums, ref, tol);
       if (has_gw) { expect_near_all("grad_weight", gw.values(), gw_ref, gw_tol); }
       if (has_gb) { expect_near_all("grad_bias", gb.values(), gb_ref, gb_tol); }
@@ -615,6 +659,8 @@ TEST_P(CpuOps, BackwardElemtWithGlobalSumsAndCount)
   std::vector<double> sums(static_cast<size_t>(2 * p.c));
   std::normal_distribution<double> nd(0.0, std::sqrt(count));
   for (double& s : sums) { s = nd(rng_); }
+  // The global count sits in the statistics; m2 is not read in eps mode Plus (NaN).
+  const std::vector<double> stats = make_stats(count, mean_, nans(p.c), invstd_);
   for (bool has_w : {true, false}) {
     SCOPED_TRACE(std::string("weight ") + (has_w ? "set" : "null"));
     std::vector<double> ref(static_cast<size_t>(numel(g_))), tol(ref.size());
@@ -635,10 +681,64 @@ TEST_P(CpuOps, BackwardElemtWithGlobalSumsAndCount)
       SCOPED_TRACE("num_threads=" + std::to_string(t));
       Buf dx(p.dtype, numel(g_));
       dx.poison();
-      cpu::backward_elemt(dy_.data(), x_.data(), p.dtype, g_, mean_.data(), invstd_.data(),
-                          has_w ? w.data() : nullptr, p.param, sums.data(), &count, dx.data(), t);
+      pysbn::backward_elemt(xv(), dy_.data(), stats.data(), 1e-5, EpsMode::Plus,
+                            Affine{has_w ? w.data() : nullptr, nullptr, p.param}, Act{}, sums.data(), dx.data(),
+                            cpu_exec(t));
       expect_near_all("backward_elemt", dx.values(), ref, tol);
       if (first.empty()) { first = dx.values(); } else { expect_near_all("dx vs 1 thread", dx.values(), first, tol); }
+    }
+  }
+}
+
+/// Eps mode Clamp: a channel whose (global) variance m2/count is below eps has
+/// invstd = 1/sqrt(eps), which does not depend on x, so its gradient has no variance term
+/// (sum_dy_xmu counts as 0). Channels at or above eps, and every channel in mode Plus, keep it.
+TEST_P(CpuOps, BackwardElemtClampDropsTheVarianceTermOfClampedChannels)
+{
+  const OpCase& p = GetParam();
+  const auto C = static_cast<size_t>(p.c);
+  const Buf w = random_uniform(p.param, p.c, rng_, 0.5, 1.5, true);
+  const double count = static_cast<double>(3 * p.n * p.l + 2), eps = 1e-3;
+  std::vector<double> sums(2 * C);
+  std::normal_distribution<double> nd(0.0, std::sqrt(count));
+  // Global variances cycling through 0, eps/4, eps/2 (clamped), 2 eps and O(1) (not clamped).
+  // sum_dy_xmu is of the size the variance gives it (sqrt(count * var)), so that dx stays in
+  // the float16 range in mode Plus, where invstd^3 = eps^-1.5 multiplies it.
+  std::uniform_real_distribution<double> var_d(0.05, 4.0);
+  std::vector<double> m2(C), inv(C);
+  std::vector<char> below(C);
+  for (size_t c = 0; c < C; ++c) {
+    const double v = c % 5 == 0 ? 0.0 : c % 5 == 1 ? eps / 4 : c % 5 == 2 ? eps / 2 : c % 5 == 3 ? 2 * eps : var_d(rng_);
+    below[c] = v < eps;
+    m2[c] = v * count;
+    inv[c] = static_cast<double>(1.0L / std::sqrt(static_cast<ld>(std::max(v, eps))));
+    sums[c] = nd(rng_);
+    sums[C + c] = nd(rng_) * std::sqrt(v + eps);
+  }
+  const std::vector<double> stats = make_stats(count, mean_, m2, inv);
+  for (EpsMode mode : {EpsMode::Clamp, EpsMode::Plus}) {
+    SCOPED_TRACE(mode == EpsMode::Clamp ? "Clamp" : "Plus");
+    std::vector<double> ref(static_cast<size_t>(numel(g_))), tol(ref.size());
+    for_each_element(g_, [&](int64_t c, int64_t i) {
+      const auto cc = static_cast<size_t>(c);
+      const bool drop = mode == EpsMode::Clamp && below[cc];
+      const ld is = inv[cc], wc = w.get(c);
+      const ld a = dy_.get(i), b = static_cast<ld>(sums[cc]) / count;
+      const ld xm = static_cast<ld>(x_.get(i)) - mean_[cc];
+      const ld k = drop ? 0.0L : xm * is * is * static_cast<ld>(sums[cc + C]) / count;
+      const ld dx = (a - b - k) * is * wc;
+      ref[static_cast<size_t>(i)] = static_cast<double>(dx);
+      tol[static_cast<size_t>(i)] =
+        tol_out(p.dtype, static_cast<double>(dx),
+                static_cast<double>((std::fabs(a) + std::fabs(b) + std::fabs(k)) * std::fabs(is * wc)));
+    });
+    for (int t : kThreads) {
+      SCOPED_TRACE("num_threads=" + std::to_string(t));
+      Buf dx(p.dtype, numel(g_));
+      dx.poison();
+      pysbn::backward_elemt(xv(), dy_.data(), stats.data(), eps, mode, Affine{w.data(), nullptr, p.param}, Act{},
+                            sums.data(), dx.data(), cpu_exec(t));
+      expect_near_all("backward_elemt", dx.values(), ref, tol);
     }
   }
 }
@@ -714,38 +814,40 @@ TEST_P(CpuOps, TwoReplicaChainMatchesBatchNorm)
 
   for (int t : kThreads) {
     SCOPED_TRACE("num_threads=" + std::to_string(t));
-    std::vector<double> records = nans(2 * rec), merged = nans(rec), mean = nans(C), invstd = nans(C);
+    const Exec ex = cpu_exec(t);
+    std::vector<double> records = nans(2 * rec), merged = nans(rec), stats = nans(pysbn::stats_size(C));
     std::vector<double> local = nans(2 * 2 * C), global(static_cast<size_t>(2 * C));
     Buf rm = rm0, rv = rv0;
     Buf y(p.dtype, numel(g_)), dx(p.dtype, numel(g_)), gw(p.param, 2 * C), gb(p.param, 2 * C);
     y.poison();
     dx.poison();
+    auto share_view = [&](int64_t start, int r) {
+      return TensorView{x_.ptr(start * per), p.dtype, Geometry{share[r], C, L, p.layout}};
+    };
     int64_t start = 0;
     for (int r = 0; r < 2; ++r) {
-      const Geometry gr{share[r], C, L, p.layout};
-      cpu::moments(x_.ptr(start * per), p.dtype, gr, records.data() + r * rec, t);
+      pysbn::moments(share_view(start, r), records.data() + r * rec, ex);
       start += share[r];
     }
-    cpu::merge_moments(2, C, records.data(), merged.data());
+    pysbn::merge_moments(2, C, records.data(), merged.data(), ex);
     ASSERT_EQ(merged[0], static_cast<double>(M));
     // count == 1 would make the unbiased variance m2 / 0: no running stats then (as nn.BatchNorm).
-    cpu::finalize(C, merged.data(), eps, EpsMode::Plus, mean.data(), invstd.data(), M > 1 ? rm.data() : nullptr,
-                  M > 1 ? rv.data() : nullptr, p.param, momentum);
+    const RunningStats running = M > 1 ? RunningStats{rm.data(), rv.data(), p.param, momentum} : RunningStats{};
+    pysbn::finalize(C, merged.data(), eps, EpsMode::Plus, stats.data(), running, ex);
+    expect_same_bits("stats: the merged record in front", slice(stats, 0, rec), merged);
+    const Affine affine{w.data(), b.data(), p.param};
     start = 0;
     for (int r = 0; r < 2; ++r) {
-      const Geometry gr{share[r], C, L, p.layout};
-      cpu::normalize(x_.ptr(start * per), p.dtype, gr, mean.data(), invstd.data(), w.data(), b.data(), p.param,
-                     y.ptr(start * per), t);
-      cpu::backward_reduce(dy_.ptr(start * per), x_.ptr(start * per), p.dtype, gr, mean.data(), invstd.data(),
-                           local.data() + r * 2 * C, gw.ptr(r * C), gb.ptr(r * C), p.param, t);
+      pysbn::normalize(share_view(start, r), stats.data(), affine, Act{}, y.ptr(start * per), ex);
+      pysbn::backward_reduce(share_view(start, r), dy_.ptr(start * per), stats.data(), affine, Act{},
+                             local.data() + r * 2 * C, AffineGrad{gw.ptr(r * C), gb.ptr(r * C), p.param}, ex);
       start += share[r];
     }
     for (size_t i = 0; i < global.size(); ++i) { global[i] = local[i] + local[global.size() + i]; }  // the all-reduce
     start = 0;
     for (int r = 0; r < 2; ++r) {
-      const Geometry gr{share[r], C, L, p.layout};
-      cpu::backward_elemt(dy_.ptr(start * per), x_.ptr(start * per), p.dtype, gr, mean.data(), invstd.data(),
-                          w.data(), p.param, global.data(), &merged[0], dx.ptr(start * per), t);
+      pysbn::backward_elemt(share_view(start, r), dy_.ptr(start * per), stats.data(), eps, EpsMode::Plus, affine,
+                            Act{}, global.data(), dx.ptr(start * per), ex);
       start += share[r];
     }
     std::vector<double> gw_sum(CC), gb_sum(CC);
@@ -754,8 +856,8 @@ TEST_P(CpuOps, TwoReplicaChainMatchesBatchNorm)
       gw_sum[c] = gw.get(ci) + gw.get(C + ci);
       gb_sum[c] = gb.get(ci) + gb.get(C + ci);
     }
-    expect_near_all("mean", mean, mean_ref, mean_tol);
-    expect_near_all("invstd", invstd, is_ref, is_tol);
+    expect_near_all("mean", stats_mean(stats, C), mean_ref, mean_tol);
+    expect_near_all("invstd", stats_invstd(stats, C), is_ref, is_tol);
     expect_near_all("y", y.values(), y_ref, y_tol);
     expect_near_all("dx", dx.values(), dx_ref, dx_tol);
     expect_near_all("grad_weight (summed over replicas)", gw_sum, gw_ref, gw_tol);
@@ -767,9 +869,10 @@ TEST_P(CpuOps, TwoReplicaChainMatchesBatchNorm)
   }
 }
 
-/// fused_forward is moments -> finalize -> normalize (+ running stats, + the counter) in one
-/// call: bit for bit the composed ops, which the tests above check against references.
-TEST_P(CpuOps, FusedForwardIsTheComposedOps)
+/// batch_norm_forward without a record is moments -> finalize -> normalize (+ running stats,
+/// + the counter) in one call: bit for bit the composed ops, which the tests above check
+/// against references.
+TEST_P(CpuOps, BatchNormForwardIsTheComposedOps)
 {
   const OpCase& p = GetParam();
   const Buf w = random_uniform(p.param, p.c, rng_, 0.5, 1.5, true);
@@ -779,61 +882,125 @@ TEST_P(CpuOps, FusedForwardIsTheComposedOps)
   for (int variant = 0; variant < 2; ++variant) {
     const bool full = variant == 0;  // affine + running stats + counter, or none of them
     SCOPED_TRACE(full ? "affine, running stats, counter" : "no affine, no running stats, no counter");
+    const Affine affine = full ? Affine{w.data(), b.data(), p.param} : Affine{nullptr, nullptr, p.param};
     for (int t : kThreads) {
       SCOPED_TRACE("num_threads=" + std::to_string(t));
-      std::vector<double> st_ref = nans(2 * p.c + 1), mean_ref = nans(p.c), inv_ref = nans(p.c);
+      const Exec ex = cpu_exec(t);
+      std::vector<double> rec_ref = nans(pysbn::record_size(p.c)), st_ref = nans(pysbn::stats_size(p.c));
       Buf y_ref(p.dtype, numel(g_)), rm_ref = rm0, rv_ref = rv0;
-      cpu::moments(x_.data(), p.dtype, g_, st_ref.data(), t);
-      cpu::finalize(p.c, st_ref.data(), 1e-3, mode, mean_ref.data(), inv_ref.data(), full ? rm_ref.data() : nullptr,
-                    full ? rv_ref.data() : nullptr, p.param, 0.25);
-      cpu::normalize(x_.data(), p.dtype, g_, mean_ref.data(), inv_ref.data(), full ? w.data() : nullptr,
-                     full ? b.data() : nullptr, p.param, y_ref.data(), t);
+      int64_t counter_ref = 41;
+      pysbn::moments(xv(), rec_ref.data(), ex);
+      pysbn::finalize(p.c, rec_ref.data(), 1e-3, mode, st_ref.data(),
+                      full ? RunningStats{rm_ref.data(), rv_ref.data(), p.param, 0.25, false, &counter_ref}
+                           : RunningStats{},
+                      ex);
+      pysbn::normalize(xv(), st_ref.data(), affine, Act{}, y_ref.data(), ex);
 
-      std::vector<double> st = nans(2 * p.c + 1), mean = nans(p.c), inv = nans(p.c);
+      std::vector<double> st = nans(pysbn::stats_size(p.c));
       Buf y(p.dtype, numel(g_)), rm = rm0, rv = rv0;
       y.poison();
       int64_t counter = 41;
-      cpu::fused_forward(x_.data(), p.dtype, g_, full ? w.data() : nullptr, full ? b.data() : nullptr, p.param, 1e-3,
-                         mode, st.data(), mean.data(), inv.data(), full ? rm.data() : nullptr,
-                         full ? rv.data() : nullptr, p.param, 0.25, full ? &counter : nullptr, y.data(), t);
+      pysbn::batch_norm_forward(xv(), nullptr, 1e-3, mode, affine, Act{}, st.data(), y.data(),
+                                full ? RunningStats{rm.data(), rv.data(), p.param, 0.25, false, &counter}
+                                     : RunningStats{},
+                                ex);
       expect_same_bits("stats", st, st_ref);
-      expect_same_bits("mean", mean, mean_ref);
-      expect_same_bits("invstd", inv, inv_ref);
       expect_same_bits("y", y.values(), y_ref.values());
       expect_same_bits("running_mean", rm.values(), rm_ref.values());
       expect_same_bits("running_var", rv.values(), rv_ref.values());
       EXPECT_EQ(counter, full ? 42 : 41);
+      EXPECT_EQ(counter, counter_ref);
     }
   }
 }
 
-/// fused_backward is backward_reduce -> backward_elemt with the local sums and count.
-TEST_P(CpuOps, FusedBackwardIsTheComposedOps)
+/// batch_norm_forward with a (global) moments record is finalize of that record -> normalize:
+/// x's own moments are not used. The record here has another count, other means and other m2
+/// than x, so a result computed from x shows up.
+TEST_P(CpuOps, BatchNormForwardWithARecordIsFinalizeThenNormalize)
+{
+  const OpCase& p = GetParam();
+  const auto C = static_cast<size_t>(p.c);
+  const Buf w = random_uniform(p.param, p.c, rng_, 0.5, 1.5, true);
+  const Buf b = random_uniform(p.param, p.c, rng_, -1.0, 1.0);
+  const Buf rm0 = random_uniform(p.param, p.c, rng_, -1.0, 1.0), rv0 = random_uniform(p.param, p.c, rng_, 0.5, 2.0);
+  const EpsMode mode = p.c % 2 ? EpsMode::Clamp : EpsMode::Plus;
+  std::vector<double> record(static_cast<size_t>(pysbn::record_size(p.c)));
+  record[0] = static_cast<double>(3 * p.n * p.l + 2);
+  for (size_t c = 0; c < C; ++c) {
+    record[1 + c] = mean_[c] + 0.75;
+    record[1 + C + c] = (m2_[c] + 1.0) * 2.5;
+  }
+  const std::vector<double> record0 = record;
+  for (int variant = 0; variant < 3; ++variant) {
+    // 0: affine, running stats with a momentum and a counter; 1: the cumulative average;
+    // 2: no affine, no running stats, no counter.
+    SCOPED_TRACE("variant " + std::to_string(variant));
+    const Affine affine = variant < 2 ? Affine{w.data(), b.data(), p.param} : Affine{nullptr, nullptr, p.param};
+    auto running = [&](Buf& rm, Buf& rv, int64_t* counter) {
+      if (variant == 2) { return RunningStats{}; }
+      return RunningStats{rm.data(), rv.data(), p.param, 0.25, variant == 1, counter};
+    };
+    for (int t : kThreads) {
+      SCOPED_TRACE("num_threads=" + std::to_string(t));
+      const Exec ex = cpu_exec(t);
+      std::vector<double> st_ref = nans(pysbn::stats_size(p.c));
+      Buf y_ref(p.dtype, numel(g_)), rm_ref = rm0, rv_ref = rv0;
+      int64_t counter_ref = 6;
+      pysbn::finalize(p.c, record.data(), 1e-3, mode, st_ref.data(), running(rm_ref, rv_ref, &counter_ref), ex);
+      pysbn::normalize(xv(), st_ref.data(), affine, Act{}, y_ref.data(), ex);
+
+      std::vector<double> st = nans(pysbn::stats_size(p.c));
+      Buf y(p.dtype, numel(g_)), rm = rm0, rv = rv0;
+      y.poison();
+      int64_t counter = 6;
+      pysbn::batch_norm_forward(xv(), record.data(), 1e-3, mode, affine, Act{}, st.data(), y.data(),
+                                running(rm, rv, &counter), ex);
+      expect_same_bits("record (an input)", record, record0);
+      expect_same_bits("stats: the record in front", slice(st, 0, pysbn::record_size(p.c)), record0);
+      expect_same_bits("stats", st, st_ref);
+      expect_same_bits("y", y.values(), y_ref.values());
+      expect_same_bits("running_mean", rm.values(), rm_ref.values());
+      expect_same_bits("running_var", rv.values(), rv_ref.values());
+      EXPECT_EQ(counter, variant < 2 ? 7 : 6);
+      EXPECT_EQ(counter, counter_ref);
+    }
+  }
+}
+
+/// batch_norm_backward is backward_reduce -> backward_elemt with the local sums and the count
+/// of the statistics.
+TEST_P(CpuOps, BatchNormBackwardIsTheComposedOps)
 {
   const OpCase& p = GetParam();
   const Buf w = random_uniform(p.param, p.c, rng_, 0.5, 1.5, true);
-  const double count = static_cast<double>(p.n * p.l);
+  // The statistics of x itself (local count); in mode Clamp, channels with var < eps (N*L = 1)
+  // drop their variance term.
+  const std::vector<double> stats = make_stats(static_cast<double>(p.n * p.l), mean_, m2_, invstd_);
+  const double eps = 1e-3;
+  const EpsMode mode = p.c % 2 ? EpsMode::Plus : EpsMode::Clamp;
   for (int variant = 0; variant < 3; ++variant) {
     // 0: everything; 1: no weight, no grad_bias; 2: no dx (parameter gradients only)
     SCOPED_TRACE("variant " + std::to_string(variant));
-    const void* wp = variant == 1 ? nullptr : w.data();
+    const Affine affine{variant == 1 ? nullptr : w.data(), nullptr, p.param};
     for (int t : kThreads) {
       SCOPED_TRACE("num_threads=" + std::to_string(t));
-      std::vector<double> sums_ref = nans(2 * p.c);
+      const Exec ex = cpu_exec(t);
+      std::vector<double> sums_ref = nans(pysbn::sums_size(p.c));
       Buf gw_ref(p.param, p.c), gb_ref(p.param, p.c), dx_ref(p.dtype, numel(g_));
-      cpu::backward_reduce(dy_.data(), x_.data(), p.dtype, g_, mean_.data(), invstd_.data(), sums_ref.data(),
-                           gw_ref.data(), variant == 1 ? nullptr : gb_ref.data(), p.param, t);
-      cpu::backward_elemt(dy_.data(), x_.data(), p.dtype, g_, mean_.data(), invstd_.data(), wp, p.param,
-                          sums_ref.data(), &count, dx_ref.data(), t);
+      pysbn::backward_reduce(xv(), dy_.data(), stats.data(), affine, Act{}, sums_ref.data(),
+                             AffineGrad{gw_ref.data(), variant == 1 ? nullptr : gb_ref.data(), p.param}, ex);
+      pysbn::backward_elemt(xv(), dy_.data(), stats.data(), eps, mode, affine, Act{}, sums_ref.data(), dx_ref.data(),
+                            ex);
 
-      std::vector<double> sums = nans(2 * p.c);
+      std::vector<double> sums = nans(pysbn::sums_size(p.c));
       Buf gw(p.param, p.c), gb(p.param, p.c), dx(p.dtype, numel(g_));
       gw.poison();
       gb.poison();
       dx.poison();
-      cpu::fused_backward(dy_.data(), x_.data(), p.dtype, g_, mean_.data(), invstd_.data(), wp, p.param, &count,
-                          sums.data(), gw.data(), variant == 1 ? nullptr : gb.data(), variant == 2 ? nullptr : dx.data(),
-                          t);
+      pysbn::batch_norm_backward(xv(), dy_.data(), stats.data(), eps, mode, affine, Act{}, sums.data(),
+                                 AffineGrad{gw.data(), variant == 1 ? nullptr : gb.data(), p.param},
+                                 variant == 2 ? nullptr : dx.data(), ex);
       expect_same_bits("sums", sums, sums_ref);
       expect_same_bits("grad_weight", gw.values(), gw_ref.values());
       if (variant != 1) { expect_same_bits("grad_bias", gb.values(), gb_ref.values()); }
@@ -853,7 +1020,9 @@ INSTANTIATE_TEST_SUITE_P(Shapes, CpuOps, ::testing::ValuesIn(op_cases()), op_cas
 TEST(CpuOpsEmpty, ZeroCountGivesZeroMomentsAndSums)
 {
   const std::vector<double> zero3(3, 0.0), zero6(6, 0.0), zero7(7, 0.0);
-  const std::vector<double> mean(3, 0.5), invstd(3, 2.0), no_sums(6, 0.0);
+  // The batch statistics [count 0, mean 0.5, m2 0, invstd 2.0] and no grad sums.
+  const std::vector<double> stats = make_stats(0.0, std::vector<double>(3, 0.5), zero3, std::vector<double>(3, 2.0));
+  const std::vector<double> no_sums(6, 0.0);
   for (const auto& dp : all_combos()) {
     const DType dt = dp[0], pt = dp[1];
     for (Layout lay : {Layout::ChannelMajor, Layout::ChannelsLast}) {
@@ -864,30 +1033,31 @@ TEST(CpuOpsEmpty, ZeroCountGivesZeroMomentsAndSums)
         Buf x(dt, 1), dy(dt, 1), w(pt, 3), b(pt, 3);
         w.fill(1.5);
         b.fill(0.25);
+        const TensorView xv{x.data(), dt, g};
         for (int t : kThreads) {
+          const Exec ex = cpu_exec(t);
           std::vector<double> st = nans(7);
-          cpu::moments(x.data(), dt, g, st.data(), t);
+          pysbn::moments(xv, st.data(), ex);
           expect_near_all("moments of nothing", st, zero7, zero7);
           st = nans(7);
           // x may be null when there is no element.
-          EXPECT_NO_THROW(cpu::moments(nullptr, dt, g, st.data(), t));
+          EXPECT_NO_THROW(pysbn::moments(TensorView{nullptr, dt, g}, st.data(), ex));
           expect_near_all("moments of nothing (x null)", st, zero7, zero7);
           std::vector<double> sum = nans(3);
-          cpu::sum_ft(x.data(), dt, g, sum.data(), t);
+          pysbn::sum_ft(xv, sum.data(), ex);
           expect_near_all("sum_ft of nothing", sum, zero3, zero3);
-          EXPECT_NO_THROW(cpu::normalize(x.data(), dt, g, mean.data(), invstd.data(), w.data(), b.data(), pt, x.data(), t));
+          EXPECT_NO_THROW(pysbn::normalize(xv, stats.data(), Affine{w.data(), b.data(), pt}, Act{}, x.data(), ex));
           std::vector<double> sums = nans(6);
           Buf gw(pt, 3), gb(pt, 3);
           gw.poison();
           gb.poison();
-          cpu::backward_reduce(dy.data(), x.data(), dt, g, mean.data(), invstd.data(), sums.data(), gw.data(),
-                               gb.data(), pt, t);
+          pysbn::backward_reduce(TensorView{x.data(), dt, g}, dy.data(), stats.data(), Affine{w.data(), b.data(), pt},
+                                 Act{}, sums.data(), AffineGrad{gw.data(), gb.data(), pt}, ex);
           expect_near_all("backward_reduce of nothing", sums, zero6, zero6);
           expect_near_all("grad_weight of nothing", gw.values(), zero3, zero3);
           expect_near_all("grad_bias of nothing", gb.values(), zero3, zero3);
-          const double count = 0.0;
-          EXPECT_NO_THROW(cpu::backward_elemt(dy.data(), x.data(), dt, g, mean.data(), invstd.data(), w.data(), pt,
-                                              no_sums.data(), &count, x.data(), t));
+          EXPECT_NO_THROW(pysbn::backward_elemt(xv, dy.data(), stats.data(), 1e-5, EpsMode::Plus,
+                                                Affine{w.data(), nullptr, pt}, Act{}, no_sums.data(), x.data(), ex));
         }
       }
     }
@@ -900,11 +1070,11 @@ TEST(CpuOpsEmpty, ZeroChannelsWritesOnlyTheCount)
     const Geometry g{4, 0, 3, lay};
     Buf x(DType::Float32, 1);
     std::vector<double> st = nans(1);
-    cpu::moments(x.data(), DType::Float32, g, st.data(), 2);
+    pysbn::moments(TensorView{x.data(), DType::Float32, g}, st.data(), cpu_exec(2));
     EXPECT_EQ(st[0], 12.0);
     const std::vector<double> recs = {5.0, 7.0};
     std::vector<double> merged = nans(1);
-    cpu::merge_moments(2, 0, recs.data(), merged.data());
+    pysbn::merge_moments(2, 0, recs.data(), merged.data(), cpu_exec(1));
     EXPECT_EQ(merged[0], 12.0);
   }
 }
@@ -914,14 +1084,35 @@ TEST(CpuOpsEmpty, ZeroChannelsWritesOnlyTheCount)
 TEST(CpuOpsEmpty, EmptyShareContributesZeroSums)
 {
   const Geometry g{0, 4, 7, Layout::ChannelsLast};
-  const std::vector<double> mean(4, 1.0), invstd(4, 1.0), global(8, 3.0);
+  const std::vector<double> stats = make_stats(50.0, std::vector<double>(4, 1.0), std::vector<double>(4, 10.0),
+                                               std::vector<double>(4, 1.0));
+  const std::vector<double> global(8, 3.0);
   std::vector<double> sums = nans(8);
-  cpu::backward_reduce(nullptr, nullptr, DType::Float64, g, mean.data(), invstd.data(), sums.data(), nullptr, nullptr,
-                       DType::Float64, 1);
+  const TensorView xv{nullptr, DType::Float64, g};
+  const Affine no_affine{nullptr, nullptr, DType::Float64};
+  pysbn::backward_reduce(xv, nullptr, stats.data(), no_affine, Act{}, sums.data(), AffineGrad{}, cpu_exec(1));
   expect_near_all("sums", sums, std::vector<double>(8, 0.0), std::vector<double>(8, 0.0));
-  const double count = 50.0;
-  EXPECT_NO_THROW(cpu::backward_elemt(nullptr, nullptr, DType::Float64, g, mean.data(), invstd.data(), nullptr,
-                                      DType::Float64, global.data(), &count, nullptr, 1));
+  EXPECT_NO_THROW(pysbn::backward_elemt(xv, nullptr, stats.data(), 1e-5, EpsMode::Plus, no_affine, Act{},
+                                        global.data(), nullptr, cpu_exec(1)));
+  // batch_norm_forward of an empty share with the global record: the statistics (and the
+  // running stats) come from the record; there is no y to write.
+  const std::vector<double> record = slice(stats, 0, 9);
+  std::vector<double> st = nans(13), st_ref = nans(13);
+  Buf rm(DType::Float64, 4), rv(DType::Float64, 4), rm_ref(DType::Float64, 4), rv_ref(DType::Float64, 4);
+  rm.fill(0.5);
+  rv.fill(2.0);
+  rm_ref = rm;
+  rv_ref = rv;
+  int64_t counter = 0, counter_ref = 0;
+  pysbn::finalize(4, record.data(), 1e-5, EpsMode::Plus, st_ref.data(),
+                  RunningStats{rm_ref.data(), rv_ref.data(), DType::Float64, 0.1, false, &counter_ref}, cpu_exec(1));
+  pysbn::batch_norm_forward(xv, record.data(), 1e-5, EpsMode::Plus, no_affine, Act{}, st.data(), nullptr,
+                            RunningStats{rm.data(), rv.data(), DType::Float64, 0.1, false, &counter}, cpu_exec(2));
+  expect_same_bits("stats", st, st_ref);
+  expect_same_bits("running_mean", rm.values(), rm_ref.values());
+  expect_same_bits("running_var", rv.values(), rv_ref.values());
+  EXPECT_EQ(counter, 1);
+  EXPECT_NE(rm.get(0), 0.5) << "the global record has values: the running stats move";
 }
 
 // ---- merge_moments ------------------------------------------------------------------------------
@@ -980,7 +1171,7 @@ TEST_P(MergeMoments, MatchesMomentsOfTheConcatenation)
     for (ld e : all[c]) { cat.m2[c] += (e - cat.mean[c]) * (e - cat.mean[c]); }
   }
   std::vector<double> out = nans(rec);
-  cpu::merge_moments(k, C, records.data(), out.data());
+  pysbn::merge_moments(k, C, records.data(), out.data(), cpu_exec(1));
   EXPECT_EQ(out[0], static_cast<double>(cat.count));
   expect_near_all("merge vs concatenation", out, moments_ref(cat), moments_tol(cat, DType::Float64));
 }
@@ -1011,7 +1202,7 @@ TEST(MergeMomentsEdge, SingleRecordIsReproduced)
 {
   const std::vector<double> in = {9.0, 1.25, -3.5, 1e4 + 0.1, 2.5, 0.0, 123.75};
   std::vector<double> out = nans(7), tol(7);
-  cpu::merge_moments(1, 3, in.data(), out.data());
+  pysbn::merge_moments(1, 3, in.data(), out.data(), cpu_exec(1));
   for (size_t i = 0; i < 7; ++i) { tol[i] = 2.0 * unit_roundoff(DType::Float64) * std::fabs(in[i]); }
   expect_near_all("k = 1", out, in, tol);
 }
@@ -1021,7 +1212,7 @@ TEST(MergeMomentsEdge, ZeroCountRecordContributesNothing)
 {
   const std::vector<double> in = {0.0, 123.0, 456.0, 4.0, 2.0, 8.0};
   std::vector<double> out = nans(3);
-  cpu::merge_moments(2, 1, in.data(), out.data());
+  pysbn::merge_moments(2, 1, in.data(), out.data(), cpu_exec(1));
   expect_near_all("zero-count record", out, {4.0, 2.0, 8.0}, {0.0, 1e-15, 1e-14});
 }
 
@@ -1068,12 +1259,37 @@ class Finalize : public ::testing::TestWithParam<FinalizeCase> {
     const ld v = GetParam().mode == EpsMode::Plus ? static_cast<ld>(var) + eps : std::max<ld>(var, eps);
     return static_cast<double>(1.0L / std::sqrt(v));
   }
+
+  /// References and tolerances of running stats rm0, rv0 updated with `factor` from `st`.
+  void running_ref(const std::vector<double>& st, const Buf& rm0, const Buf& rv0, double factor,
+                   std::vector<double>& rm_ref, std::vector<double>& rm_tol, std::vector<double>& rv_ref,
+                   std::vector<double>& rv_tol) const
+  {
+    const FinalizeCase& p = GetParam();
+    const auto C = static_cast<size_t>(p.c);
+    const double rd = 1e-13, count = st[0];  // finalize works in float64
+    rm_ref.resize(C);
+    rm_tol.resize(C);
+    rv_ref.resize(C);
+    rv_tol.resize(C);
+    for (size_t c = 0; c < C; ++c) {
+      const auto ci = static_cast<int64_t>(c);
+      const double m = st[1 + c], m2 = st[1 + C + c];
+      rm_ref[c] = static_cast<double>((1.0L - factor) * rm0.get(ci) + static_cast<ld>(factor) * m);
+      rm_tol[c] = tol_out(p.param, rm_ref[c], std::fabs((1.0 - factor) * rm0.get(ci)) + std::fabs(factor * m)) +
+                  rd * std::fabs(rm_ref[c]);
+      const ld unbiased = static_cast<ld>(m2) / (count - 1.0);
+      rv_ref[c] = static_cast<double>((1.0L - factor) * rv0.get(ci) + static_cast<ld>(factor) * unbiased);
+      rv_tol[c] = tol_out(p.param, rv_ref[c], std::fabs(rv_ref[c])) + rd * std::fabs(rv_ref[c]);
+    }
+  }
 };
 
 TEST_P(Finalize, InvstdAndRunningStats)
 {
   const FinalizeCase& p = GetParam();
   const auto C = static_cast<size_t>(p.c);
+  const int64_t R = pysbn::record_size(p.c);
   std::mt19937 rng(99u + static_cast<uint32_t>(p.c) + 7u * static_cast<uint32_t>(p.param) +
                    3u * static_cast<uint32_t>(p.mode));
   const double rd = 1e-13;  // finalize works in float64
@@ -1083,36 +1299,61 @@ TEST_P(Finalize, InvstdAndRunningStats)
         SCOPED_TRACE("count=" + std::to_string(count) + " eps=" + std::to_string(eps) + " factor=" + std::to_string(factor));
         const std::vector<double> st = make_record(count, eps, rng);
         const Buf rm0 = random_uniform(p.param, p.c, rng, -2.0, 2.0), rv0 = random_uniform(p.param, p.c, rng, 0.1, 3.0);
-        std::vector<double> mean_ref(C), mean_tol(C, 0.0), is_ref(C), is_tol(C), rm_ref(C), rm_tol(C), rv_ref(C), rv_tol(C);
+        std::vector<double> mean_ref(C), mean_tol(C, 0.0), is_ref(C), is_tol(C), rm_ref, rm_tol, rv_ref, rv_tol;
         for (size_t c = 0; c < C; ++c) {
-          const auto ci = static_cast<int64_t>(c);
           const double m = st[1 + c], m2 = st[1 + C + c];
           mean_ref[c] = m;
           is_ref[c] = ref_invstd(m2 / count, eps);
           is_tol[c] = rd * is_ref[c];
-          rm_ref[c] = static_cast<double>((1.0L - factor) * rm0.get(ci) + static_cast<ld>(factor) * m);
-          rm_tol[c] = tol_out(p.param, rm_ref[c], std::fabs((1.0 - factor) * rm0.get(ci)) + std::fabs(factor * m)) +
-                      rd * std::fabs(rm_ref[c]);
-          const ld unbiased = static_cast<ld>(m2) / (count - 1.0);
-          rv_ref[c] = static_cast<double>((1.0L - factor) * rv0.get(ci) + static_cast<ld>(factor) * unbiased);
-          rv_tol[c] = tol_out(p.param, rv_ref[c], std::fabs(rv_ref[c])) + rd * std::fabs(rv_ref[c]);
         }
-        std::vector<double> mean = nans(p.c), invstd = nans(p.c);
+        running_ref(st, rm0, rv0, factor, rm_ref, rm_tol, rv_ref, rv_tol);
+        std::vector<double> stats = nans(pysbn::stats_size(p.c));
         Buf rm = rm0, rv = rv0;
-        cpu::finalize(p.c, st.data(), eps, p.mode, mean.data(), invstd.data(), rm.data(), rv.data(), p.param, factor);
-        expect_near_all("mean", mean, mean_ref, mean_tol);
-        expect_near_all("invstd", invstd, is_ref, is_tol);
+        pysbn::finalize(p.c, st.data(), eps, p.mode, stats.data(), RunningStats{rm.data(), rv.data(), p.param, factor},
+                        cpu_exec(1));
+        expect_same_bits("stats: the record in front", slice(stats, 0, R), st);
+        expect_near_all("mean", stats_mean(stats, p.c), mean_ref, mean_tol);
+        expect_near_all("invstd", stats_invstd(stats, p.c), is_ref, is_tol);
         expect_near_all("running_mean", rm.values(), rm_ref, rm_tol);
         expect_near_all("running_var", rv.values(), rv_ref, rv_tol);
 
         // Same without running stats.
-        mean = nans(p.c);
-        invstd = nans(p.c);
-        cpu::finalize(p.c, st.data(), eps, p.mode, mean.data(), invstd.data(), nullptr, nullptr, p.param, factor);
-        expect_near_all("mean (no running stats)", mean, mean_ref, mean_tol);
-        expect_near_all("invstd (no running stats)", invstd, is_ref, is_tol);
+        const std::vector<double> with_running = stats;
+        stats = nans(pysbn::stats_size(p.c));
+        pysbn::finalize(p.c, st.data(), eps, p.mode, stats.data(), RunningStats{}, cpu_exec(1));
+        expect_near_all("mean (no running stats)", stats_mean(stats, p.c), mean_ref, mean_tol);
+        expect_near_all("invstd (no running stats)", stats_invstd(stats, p.c), is_ref, is_tol);
+        expect_same_bits("stats (no running stats)", stats, with_running);
       }
     }
+  }
+}
+
+/// The record may be the first record_size(c) values of the statistics buffer itself (as in
+/// batch_norm_forward without a record): the same bits as from a separate record.
+TEST_P(Finalize, RecordMayAliasTheStats)
+{
+  const FinalizeCase& p = GetParam();
+  const int64_t R = pysbn::record_size(p.c);
+  std::mt19937 rng(17u + static_cast<uint32_t>(p.c));
+  for (double count : {0.0, 2.0, 1000.0}) {
+    SCOPED_TRACE("count=" + std::to_string(count));
+    const double eps = 1e-3;
+    const std::vector<double> record = make_record(count, eps, rng);
+    const Buf rm0 = random_uniform(p.param, p.c, rng, -2.0, 2.0), rv0 = random_uniform(p.param, p.c, rng, 0.1, 3.0);
+    std::vector<double> st_ref = nans(pysbn::stats_size(p.c));
+    Buf rm_ref = rm0, rv_ref = rv0;
+    pysbn::finalize(p.c, record.data(), eps, p.mode, st_ref.data(),
+                    RunningStats{rm_ref.data(), rv_ref.data(), p.param, 0.3}, cpu_exec(1));
+    std::vector<double> st = nans(pysbn::stats_size(p.c));
+    std::copy(record.begin(), record.end(), st.begin());
+    Buf rm = rm0, rv = rv0;
+    pysbn::finalize(p.c, st.data(), eps, p.mode, st.data(), RunningStats{rm.data(), rv.data(), p.param, 0.3},
+                    cpu_exec(1));
+    expect_same_bits("stats (aliased) vs stats", st, st_ref);
+    expect_same_bits("stats: the record in front", slice(st, 0, R), record);
+    expect_same_bits("running_mean", rm.values(), rm_ref.values());
+    expect_same_bits("running_var", rv.values(), rv_ref.values());
   }
 }
 
@@ -1123,16 +1364,65 @@ TEST_P(Finalize, ZeroCountLeavesRunningStatsUntouched)
   const double eps = 1e-5;
   const std::vector<double> st = make_record(0.0, eps, rng);
   const Buf rm0 = random_uniform(p.param, p.c, rng, -2.0, 2.0), rv0 = random_uniform(p.param, p.c, rng, 0.1, 3.0);
-  std::vector<double> mean = nans(p.c), invstd = nans(p.c);
-  Buf rm = rm0, rv = rv0;
-  cpu::finalize(p.c, st.data(), eps, p.mode, mean.data(), invstd.data(), rm.data(), rv.data(), p.param, 0.1);
-  const std::vector<double> zero(static_cast<size_t>(p.c), 0.0);
-  expect_near_all("mean", mean, zero, zero);
-  // var = 0: both modes give 1/sqrt(eps).
-  expect_near_all("invstd", invstd, std::vector<double>(zero.size(), 1.0 / std::sqrt(eps)),
-                  std::vector<double>(zero.size(), 1e-13 / std::sqrt(eps)));
-  expect_near_all("running_mean untouched", rm.values(), rm0.values(), zero);
-  expect_near_all("running_var untouched", rv.values(), rv0.values(), zero);
+  for (bool cumulative : {false, true}) {
+    SCOPED_TRACE(cumulative ? "cumulative" : "momentum");
+    std::vector<double> stats = nans(pysbn::stats_size(p.c));
+    Buf rm = rm0, rv = rv0;
+    int64_t counter = 3;
+    pysbn::finalize(p.c, st.data(), eps, p.mode, stats.data(),
+                    RunningStats{rm.data(), rv.data(), p.param, 0.1, cumulative, &counter}, cpu_exec(1));
+    const std::vector<double> zero(static_cast<size_t>(p.c), 0.0);
+    EXPECT_EQ(stats[0], 0.0);
+    expect_near_all("mean", stats_mean(stats, p.c), zero, zero);
+    // var = 0: both modes give 1/sqrt(eps).
+    expect_near_all("invstd", stats_invstd(stats, p.c), std::vector<double>(zero.size(), 1.0 / std::sqrt(eps)),
+                    std::vector<double>(zero.size(), 1e-13 / std::sqrt(eps)));
+    expect_near_all("running_mean untouched", rm.values(), rm0.values(), zero);
+    expect_near_all("running_var untouched", rv.values(), rv0.values(), zero);
+    // The counter counts the batch all the same (nn.BatchNorm's num_batches_tracked).
+    EXPECT_EQ(counter, 4);
+  }
+}
+
+/// RunningStats.cumulative: the factor is 1 / num_batches_tracked after its increment (the
+/// cumulative moving average, nn.BatchNorm's momentum=None); the momentum is not used (NaN
+/// here). Without cumulative, a given counter is incremented and the momentum is the factor.
+TEST_P(Finalize, CumulativeAverageUsesTheCounter)
+{
+  const FinalizeCase& p = GetParam();
+  std::mt19937 rng(31u + static_cast<uint32_t>(p.c) + 7u * static_cast<uint32_t>(p.param));
+  const double eps = 1e-5;
+  for (int64_t before : {int64_t{0}, int64_t{4}, int64_t{99}}) {
+    for (bool cumulative : {true, false}) {
+      SCOPED_TRACE("num_batches_tracked=" + std::to_string(before) + (cumulative ? " cumulative" : " momentum 0.2"));
+      const std::vector<double> st = make_record(37.0, eps, rng);
+      const Buf rm0 = random_uniform(p.param, p.c, rng, -2.0, 2.0), rv0 = random_uniform(p.param, p.c, rng, 0.1, 3.0);
+      const double factor = cumulative ? 1.0 / static_cast<double>(before + 1) : 0.2;
+      std::vector<double> rm_ref, rm_tol, rv_ref, rv_tol;
+      running_ref(st, rm0, rv0, factor, rm_ref, rm_tol, rv_ref, rv_tol);
+      std::vector<double> stats = nans(pysbn::stats_size(p.c));
+      Buf rm = rm0, rv = rv0;
+      int64_t counter = before;
+      const double momentum = cumulative ? std::nan("") : 0.2;
+      pysbn::finalize(p.c, st.data(), eps, p.mode, stats.data(),
+                      RunningStats{rm.data(), rv.data(), p.param, momentum, cumulative, &counter}, cpu_exec(1));
+      EXPECT_EQ(counter, before + 1);
+      expect_near_all("running_mean", rm.values(), rm_ref, rm_tol);
+      expect_near_all("running_var", rv.values(), rv_ref, rv_tol);
+    }
+  }
+  // A counter without running statistics still counts; the statistics are as without it.
+  const std::vector<double> st = make_record(37.0, eps, rng);
+  std::vector<double> stats = nans(pysbn::stats_size(p.c)), stats_ref = nans(pysbn::stats_size(p.c));
+  int64_t counter = 10;
+  pysbn::finalize(p.c, st.data(), eps, p.mode, stats.data(),
+                  RunningStats{nullptr, nullptr, p.param, 0.1, false, &counter}, cpu_exec(1));
+  pysbn::finalize(p.c, st.data(), eps, p.mode, stats_ref.data(), RunningStats{}, cpu_exec(1));
+  EXPECT_EQ(counter, 11);
+  expect_same_bits("stats", stats, stats_ref);
+  pysbn::finalize(p.c, st.data(), eps, p.mode, stats.data(),
+                  RunningStats{nullptr, nullptr, p.param, std::nan(""), true, &counter}, cpu_exec(1));
+  EXPECT_EQ(counter, 12);
 }
 
 std::vector<FinalizeCase> finalize_cases()
@@ -1199,16 +1489,17 @@ TEST_P(LargeOffset, VarianceAndOutputsKeepTheirDigits)
   for (int t : {1, 2}) {
     SCOPED_TRACE("num_threads=" + std::to_string(t));
     std::vector<double> st = nans(rec);
-    cpu::moments(x.data(), p.dtype, g, st.data(), t);
+    pysbn::moments(TensorView{x.data(), p.dtype, g}, st.data(), cpu_exec(t));
     EXPECT_EQ(st[0], 32.0 * 784.0);
     check(st, "moments");
   }
   const int64_t per = C * g.l, n0 = 11;
   std::vector<double> recs = nans(2 * rec), merged = nans(rec);
   Buf xs = x;
-  cpu::moments(xs.ptr(0), p.dtype, Geometry{n0, C, g.l, p.layout}, recs.data(), 2);
-  cpu::moments(xs.ptr(n0 * per), p.dtype, Geometry{g.n - n0, C, g.l, p.layout}, recs.data() + rec, 2);
-  cpu::merge_moments(2, C, recs.data(), merged.data());
+  pysbn::moments(TensorView{xs.ptr(0), p.dtype, Geometry{n0, C, g.l, p.layout}}, recs.data(), cpu_exec(2));
+  pysbn::moments(TensorView{xs.ptr(n0 * per), p.dtype, Geometry{g.n - n0, C, g.l, p.layout}}, recs.data() + rec,
+                 cpu_exec(2));
+  pysbn::merge_moments(2, C, recs.data(), merged.data(), cpu_exec(1));
   check(merged, "merged shares");
 
   // normalize at the offset: (x - mean) * invstd * w + b, exactly as the contract writes it.
@@ -1221,7 +1512,10 @@ TEST_P(LargeOffset, VarianceAndOutputsKeepTheirDigits)
     b.set(c, -0.25);
   }
   y.poison();
-  cpu::normalize(x.data(), p.dtype, g, mean_ref.data(), invstd.data(), w.data(), b.data(), p.dtype, y.data(), 2);
+  // The batch statistics: the full count, the reference mean, m2 unread (NaN), invstd.
+  const std::vector<double> stats = make_stats(static_cast<double>(ref.count), mean_ref, nans(C), invstd);
+  pysbn::normalize(TensorView{x.data(), p.dtype, g}, stats.data(), Affine{w.data(), b.data(), p.dtype}, Act{}, y.data(),
+                   cpu_exec(2));
   std::vector<double> y_ref(static_cast<size_t>(numel(g))), y_tol(y_ref.size());
   for_each_element(g, [&](int64_t c, int64_t i) {
     const auto cc = static_cast<size_t>(c);
@@ -1249,8 +1543,9 @@ TEST_P(LargeOffset, VarianceAndOutputsKeepTheirDigits)
   const double count = static_cast<double>(ref.count);
   Buf dx(p.dtype, numel(g));
   dx.poison();
-  cpu::backward_elemt(dy.data(), x.data(), p.dtype, g, mean_ref.data(), invstd.data(), w.data(), p.dtype, sums.data(),
-                      &count, dx.data(), 2);
+  ASSERT_EQ(stats[0], count);
+  pysbn::backward_elemt(TensorView{x.data(), p.dtype, g}, dy.data(), stats.data(), 1e-5, EpsMode::Plus,
+                        Affine{w.data(), nullptr, p.dtype}, Act{}, sums.data(), dx.data(), cpu_exec(2));
   std::vector<double> dx_ref(y_ref.size()), dx_tol(y_ref.size());
   for_each_element(g, [&](int64_t c, int64_t i) {
     const auto cc = static_cast<size_t>(c);
@@ -1283,7 +1578,7 @@ TEST(Moments, ConstantInputHasNoNegativeVariance)
       for_each_element(g, [&](int64_t c, int64_t i) { x.set(i, c == 0 ? 1e4 + 0.1 : (c == 1 ? -3.3 : 0.7)); });
       for (int t : kThreads) {
         std::vector<double> st = nans(7);
-        cpu::moments(x.data(), dt, g, st.data(), t);
+        pysbn::moments(TensorView{x.data(), dt, g}, st.data(), cpu_exec(t));
         for (int64_t c = 0; c < 3; ++c) {
           const double m = x.get(offset_of(g, 0, c, 0));
           const double u = unit_roundoff(pysbn::acc_dtype(dt));
@@ -1356,75 +1651,179 @@ void expect_invalid(const std::string& what, std::initializer_list<const char*> 
   }
 }
 
+/// A valid call of each op on the fixture's buffers, with `exec` and `act` as given.
+struct OpCall {
+  std::string name;
+  bool takes_act;
+  std::function<void()> call;
+};
+
 class Errors : public ::testing::Test {
  protected:
   static constexpr int64_t C = 3;
   const Geometry g{2, C, 4, Layout::ChannelMajor};
   const DType f = DType::Float32;
+  const Exec ex{};  // the CPU, one thread
   Buf x{DType::Float32, 24}, dy{DType::Float32, 24}, out{DType::Float32, 24};
-  Buf w{DType::Float32, C}, b{DType::Float32, C};
-  std::vector<double> st = std::vector<double>(2 * C + 1, 0.0), mean = std::vector<double>(C, 0.0),
-                      invstd = std::vector<double>(C, 1.0), sums = std::vector<double>(2 * C, 0.0),
-                      sum_out = std::vector<double>(C, 0.0);
-  double cnt = 8.0;
+  Buf w{DType::Float32, C}, b{DType::Float32, C}, gw{DType::Float32, C}, gb{DType::Float32, C};
+  Buf rm{DType::Float32, C}, rv{DType::Float32, C};
+  // A moments record, two records back to back, the batch statistics, grad sums, sum_ft output.
+  std::vector<double> rec, recs, st, sums = std::vector<double>(2 * C, 11.0), sum_out = std::vector<double>(C, 13.0);
+  int64_t counter = 7;
 
-  void SetUp() override { st[0] = 8.0; }
+  void SetUp() override
+  {
+    const std::vector<double> zero(C, 0.0), eight(C, 8.0), one(C, 1.0);
+    st = make_stats(8.0, zero, eight, one);
+    rec = slice(st, 0, 2 * C + 1);
+    recs = rec;
+    recs.insert(recs.end(), rec.begin(), rec.end());
+    for (int64_t i = 0; i < 24; ++i) {
+      x.set(i, 0.25 * static_cast<double>(i % 7));
+      dy.set(i, 1.0 - 0.125 * static_cast<double>(i % 5));
+    }
+    out.fill(-7.0);
+    w.fill(1.5);
+    b.fill(0.5);
+    gw.fill(-3.0);
+    gb.fill(-4.0);
+    rm.fill(0.5);
+    rv.fill(2.0);
+  }
+
+  TensorView xv() const { return TensorView{x.data(), f, g}; }
+  RunningStats running() { return RunningStats{rm.data(), rv.data(), f, 0.1, false, &counter}; }
+  Affine affine() const { return Affine{w.data(), b.data(), f}; }
+  AffineGrad grad() { return AffineGrad{gw.data(), gb.data(), f}; }
+
+  /// Every op once, valid but for `e` and `act`.
+  std::vector<OpCall> every_op(const Exec& e, const Act& act = Act{})
+  {
+    return {
+      {"sum_ft", false, [=] { pysbn::sum_ft(xv(), sum_out.data(), e); }},
+      {"moments", false, [=] { pysbn::moments(xv(), rec.data(), e); }},
+      {"merge_moments", false, [=] { pysbn::merge_moments(2, C, recs.data(), rec.data(), e); }},
+      {"finalize", false, [=] { pysbn::finalize(C, rec.data(), 1e-5, EpsMode::Plus, st.data(), running(), e); }},
+      {"normalize", true, [=] { pysbn::normalize(xv(), st.data(), affine(), act, out.data(), e); }},
+      {"batch_norm_forward", true,
+       [=] {
+         pysbn::batch_norm_forward(xv(), nullptr, 1e-5, EpsMode::Plus, affine(), act, st.data(), out.data(), running(),
+                                   e);
+       }},
+      {"batch_norm_forward (record)", true,
+       [=] {
+         pysbn::batch_norm_forward(xv(), rec.data(), 1e-5, EpsMode::Clamp, affine(), act, st.data(), out.data(),
+                                   running(), e);
+       }},
+      {"backward_reduce", true,
+       [=] { pysbn::backward_reduce(xv(), dy.data(), st.data(), affine(), act, sums.data(), grad(), e); }},
+      {"backward_elemt", true,
+       [=] {
+         pysbn::backward_elemt(xv(), dy.data(), st.data(), 1e-5, EpsMode::Clamp, affine(), act, sums.data(),
+                               out.data(), e);
+       }},
+      {"batch_norm_backward", true,
+       [=] {
+         pysbn::batch_norm_backward(xv(), dy.data(), st.data(), 1e-5, EpsMode::Plus, affine(), act, sums.data(), grad(),
+                                    out.data(), e);
+       }},
+    };
+  }
+
+  /// Every buffer an op of this fixture may write, in one vector (the counter as a double).
+  std::vector<double> outputs(std::initializer_list<const Buf*> extra = {}) const
+  {
+    std::vector<double> v;
+    for (const Buf* bb : {&out, &gw, &gb, &rm, &rv}) {
+      const auto e = bb->values();
+      v.insert(v.end(), e.begin(), e.end());
+    }
+    for (const Buf* bb : extra) {
+      const auto e = bb->values();
+      v.insert(v.end(), e.begin(), e.end());
+    }
+    for (const auto* d : {&rec, &recs, &st, &sums, &sum_out}) { v.insert(v.end(), d->begin(), d->end()); }
+    v.push_back(static_cast<double>(counter));
+    return v;
+  }
+
+  /// expect_invalid, and that the rejected call wrote nothing (outputs and `extra` unchanged).
+  template <class F>
+  void rejected(const std::string& what, std::initializer_list<const char*> words, F&& fn,
+                std::initializer_list<const Buf*> extra = {})
+  {
+    const std::vector<double> before = outputs(extra);
+    expect_invalid(what, words, fn);
+    expect_same_bits(what + ": outputs after the rejected call", outputs(extra), before);
+  }
 };
+
+/// The control of the tests below: each op of every_op is valid as it stands.
+TEST_F(Errors, TheBaselineCallsAreValid)
+{
+  for (const OpCall& op : every_op(ex)) { EXPECT_NO_THROW(op.call()) << op.name; }
+}
 
 TEST_F(Errors, NullPointersAreNamed)
 {
-  expect_invalid("sum_ft x", {"x"}, [&] { cpu::sum_ft(nullptr, f, g, sum_out.data(), 1); });
-  expect_invalid("sum_ft out", {"out"}, [&] { cpu::sum_ft(x.data(), f, g, nullptr, 1); });
-  expect_invalid("moments x", {"x"}, [&] { cpu::moments(nullptr, f, g, st.data(), 1); });
-  expect_invalid("moments stats", {"stats"}, [&] { cpu::moments(x.data(), f, g, nullptr, 1); });
-  expect_invalid("normalize x", {"x"}, [&] {
-    cpu::normalize(nullptr, f, g, mean.data(), invstd.data(), w.data(), b.data(), f, out.data(), 1);
+  const TensorView no_x{nullptr, f, g};
+  rejected("sum_ft x", {"x"}, [&] { pysbn::sum_ft(no_x, sum_out.data(), ex); });
+  rejected("sum_ft out", {"out"}, [&] { pysbn::sum_ft(xv(), nullptr, ex); });
+  rejected("moments x", {"x"}, [&] { pysbn::moments(no_x, rec.data(), ex); });
+  rejected("moments record", {"record"}, [&] { pysbn::moments(xv(), nullptr, ex); });
+  rejected("merge_moments records", {"records"}, [&] { pysbn::merge_moments(2, C, nullptr, rec.data(), ex); });
+  rejected("merge_moments record", {"record"}, [&] { pysbn::merge_moments(2, C, recs.data(), nullptr, ex); });
+  rejected("finalize record", {"record"},
+           [&] { pysbn::finalize(C, nullptr, 1e-5, EpsMode::Plus, st.data(), running(), ex); });
+  rejected("finalize stats", {"stats"},
+           [&] { pysbn::finalize(C, rec.data(), 1e-5, EpsMode::Plus, nullptr, running(), ex); });
+  rejected("normalize x", {"x"}, [&] { pysbn::normalize(no_x, st.data(), affine(), Act{}, out.data(), ex); });
+  rejected("normalize stats", {"stats"}, [&] { pysbn::normalize(xv(), nullptr, affine(), Act{}, out.data(), ex); });
+  rejected("normalize y", {"y"}, [&] { pysbn::normalize(xv(), st.data(), affine(), Act{}, nullptr, ex); });
+  for (const double* record : {static_cast<const double*>(nullptr), static_cast<const double*>(rec.data())}) {
+    const std::string tag = record ? " (record given)" : "";
+    rejected("batch_norm_forward x" + tag, {"x"}, [&] {
+      pysbn::batch_norm_forward(no_x, record, 1e-5, EpsMode::Plus, affine(), Act{}, st.data(), out.data(), running(),
+                                ex);
+    });
+    rejected("batch_norm_forward stats" + tag, {"stats"}, [&] {
+      pysbn::batch_norm_forward(xv(), record, 1e-5, EpsMode::Plus, affine(), Act{}, nullptr, out.data(), running(), ex);
+    });
+    rejected("batch_norm_forward y" + tag, {"y"}, [&] {
+      pysbn::batch_norm_forward(xv(), record, 1e-5, EpsMode::Plus, affine(), Act{}, st.data(), nullptr, running(), ex);
+    });
+  }
+  rejected("backward_reduce dy", {"dy"},
+           [&] { pysbn::backward_reduce(xv(), nullptr, st.data(), affine(), Act{}, sums.data(), grad(), ex); });
+  rejected("backward_reduce x", {"x"},
+           [&] { pysbn::backward_reduce(no_x, dy.data(), st.data(), affine(), Act{}, sums.data(), grad(), ex); });
+  rejected("backward_reduce stats", {"stats"},
+           [&] { pysbn::backward_reduce(xv(), dy.data(), nullptr, affine(), Act{}, sums.data(), AffineGrad{}, ex); });
+  rejected("backward_reduce sums", {"sums"},
+           [&] { pysbn::backward_reduce(xv(), dy.data(), st.data(), affine(), Act{}, nullptr, grad(), ex); });
+  // With no values the statistics are needed only for grad_weight (sum_dy_xmu * invstd).
+  const TensorView empty{nullptr, f, Geometry{0, C, 4, Layout::ChannelMajor}};
+  rejected("backward_reduce stats (empty x, grad_weight wanted)", {"stats"}, [&] {
+    pysbn::backward_reduce(empty, nullptr, nullptr, affine(), Act{}, sums.data(), AffineGrad{gw.data(), nullptr, f}, ex);
   });
-  expect_invalid("normalize mean", {"mean"}, [&] {
-    cpu::normalize(x.data(), f, g, nullptr, invstd.data(), w.data(), b.data(), f, out.data(), 1);
+  EXPECT_NO_THROW(
+    pysbn::backward_reduce(empty, nullptr, nullptr, affine(), Act{}, sums.data(), AffineGrad{nullptr, gb.data(), f}, ex));
+  expect_near_all("sums of an empty x", sums, std::vector<double>(2 * C, 0.0), std::vector<double>(2 * C, 0.0));
+  expect_near_all("grad_bias of an empty x", gb.values(), std::vector<double>(C, 0.0), std::vector<double>(C, 0.0));
+  rejected("backward_elemt dy", {"dy"}, [&] {
+    pysbn::backward_elemt(xv(), nullptr, st.data(), 1e-5, EpsMode::Plus, affine(), Act{}, sums.data(), out.data(), ex);
   });
-  expect_invalid("normalize invstd", {"invstd"}, [&] {
-    cpu::normalize(x.data(), f, g, mean.data(), nullptr, w.data(), b.data(), f, out.data(), 1);
+  rejected("backward_elemt x", {"x"}, [&] {
+    pysbn::backward_elemt(no_x, dy.data(), st.data(), 1e-5, EpsMode::Plus, affine(), Act{}, sums.data(), out.data(), ex);
   });
-  expect_invalid("normalize y", {"y"}, [&] {
-    cpu::normalize(x.data(), f, g, mean.data(), invstd.data(), w.data(), b.data(), f, nullptr, 1);
+  rejected("backward_elemt stats", {"stats"}, [&] {
+    pysbn::backward_elemt(xv(), dy.data(), nullptr, 1e-5, EpsMode::Plus, affine(), Act{}, sums.data(), out.data(), ex);
   });
-  expect_invalid("backward_reduce dy", {"dy"}, [&] {
-    cpu::backward_reduce(nullptr, x.data(), f, g, mean.data(), invstd.data(), sums.data(), nullptr, nullptr, f, 1);
+  rejected("backward_elemt sums", {"sums"}, [&] {
+    pysbn::backward_elemt(xv(), dy.data(), st.data(), 1e-5, EpsMode::Plus, affine(), Act{}, nullptr, out.data(), ex);
   });
-  expect_invalid("backward_reduce x", {"x"}, [&] {
-    cpu::backward_reduce(dy.data(), nullptr, f, g, mean.data(), invstd.data(), sums.data(), nullptr, nullptr, f, 1);
-  });
-  expect_invalid("backward_reduce mean", {"mean"}, [&] {
-    cpu::backward_reduce(dy.data(), x.data(), f, g, nullptr, invstd.data(), sums.data(), nullptr, nullptr, f, 1);
-  });
-  expect_invalid("backward_reduce invstd (grad_weight wanted)", {"invstd"}, [&] {
-    cpu::backward_reduce(dy.data(), x.data(), f, g, mean.data(), nullptr, sums.data(), w.data(), nullptr, f, 1);
-  });
-  expect_invalid("backward_reduce sums", {"sums"}, [&] {
-    cpu::backward_reduce(dy.data(), x.data(), f, g, mean.data(), invstd.data(), nullptr, nullptr, nullptr, f, 1);
-  });
-  expect_invalid("backward_elemt dy", {"dy"}, [&] {
-    cpu::backward_elemt(nullptr, x.data(), f, g, mean.data(), invstd.data(), w.data(), f, sums.data(), &cnt, out.data(), 1);
-  });
-  expect_invalid("backward_elemt x", {"x"}, [&] {
-    cpu::backward_elemt(dy.data(), nullptr, f, g, mean.data(), invstd.data(), w.data(), f, sums.data(), &cnt, out.data(), 1);
-  });
-  expect_invalid("backward_elemt mean", {"mean"}, [&] {
-    cpu::backward_elemt(dy.data(), x.data(), f, g, nullptr, invstd.data(), w.data(), f, sums.data(), &cnt, out.data(), 1);
-  });
-  expect_invalid("backward_elemt invstd", {"invstd"}, [&] {
-    cpu::backward_elemt(dy.data(), x.data(), f, g, mean.data(), nullptr, w.data(), f, sums.data(), &cnt, out.data(), 1);
-  });
-  expect_invalid("backward_elemt sums", {"sums"}, [&] {
-    cpu::backward_elemt(dy.data(), x.data(), f, g, mean.data(), invstd.data(), w.data(), f, nullptr, &cnt, out.data(), 1);
-  });
-  expect_invalid("backward_elemt count", {"count"}, [&] {
-    cpu::backward_elemt(dy.data(), x.data(), f, g, mean.data(), invstd.data(), w.data(), f, sums.data(), nullptr,
-                        out.data(), 1);
-  });
-  expect_invalid("backward_elemt dx", {"dx"}, [&] {
-    cpu::backward_elemt(dy.data(), x.data(), f, g, mean.data(), invstd.data(), w.data(), f, sums.data(), &cnt, nullptr, 1);
+  rejected("backward_elemt dx", {"dx"}, [&] {
+    pysbn::backward_elemt(xv(), dy.data(), st.data(), 1e-5, EpsMode::Plus, affine(), Act{}, sums.data(), nullptr, ex);
   });
 }
 
@@ -1433,50 +1832,94 @@ TEST_F(Errors, BadGeometryDtypeLayoutAndThreads)
   for (int which = 0; which < 3; ++which) {
     Geometry bad = g;
     (which == 0 ? bad.n : which == 1 ? bad.c : bad.l) = -1;
+    const TensorView xb{x.data(), f, bad};
     const std::string tag = std::string(" (negative ") + "NCL"[which] + ")";
     // The argument is the geometry; a message naming it or the offending extent will do.
-    auto named = [&](const char* what, auto fn) {
-      expect_invalid(what + tag, {"geometry", "g", "N", "C", "L", "n", "c", "l"}, fn);
+    auto named = [&](const std::string& what, auto fn) {
+      rejected(what + tag, {"geometry", "g", "N", "C", "L", "n", "c", "l"}, fn);
     };
-    named("sum_ft", [&] { cpu::sum_ft(x.data(), f, bad, sum_out.data(), 1); });
-    named("moments", [&] { cpu::moments(x.data(), f, bad, st.data(), 1); });
-    named("normalize", [&] {
-      cpu::normalize(x.data(), f, bad, mean.data(), invstd.data(), w.data(), b.data(), f, out.data(), 1);
+    named("sum_ft", [&] { pysbn::sum_ft(xb, sum_out.data(), ex); });
+    named("moments", [&] { pysbn::moments(xb, rec.data(), ex); });
+    named("normalize", [&] { pysbn::normalize(xb, st.data(), affine(), Act{}, out.data(), ex); });
+    named("batch_norm_forward", [&] {
+      pysbn::batch_norm_forward(xb, nullptr, 1e-5, EpsMode::Plus, affine(), Act{}, st.data(), out.data(), running(), ex);
     });
-    named("backward_reduce", [&] {
-      cpu::backward_reduce(dy.data(), x.data(), f, bad, mean.data(), invstd.data(), sums.data(), nullptr, nullptr, f, 1);
-    });
+    named("backward_reduce",
+          [&] { pysbn::backward_reduce(xb, dy.data(), st.data(), affine(), Act{}, sums.data(), grad(), ex); });
     named("backward_elemt", [&] {
-      cpu::backward_elemt(dy.data(), x.data(), f, bad, mean.data(), invstd.data(), w.data(), f, sums.data(), &cnt,
-                          out.data(), 1);
+      pysbn::backward_elemt(xb, dy.data(), st.data(), 1e-5, EpsMode::Plus, affine(), Act{}, sums.data(), out.data(), ex);
+    });
+    named("batch_norm_backward", [&] {
+      pysbn::batch_norm_backward(xb, dy.data(), st.data(), 1e-5, EpsMode::Plus, affine(), Act{}, sums.data(), grad(),
+                                 out.data(), ex);
     });
   }
-  const auto bad_dtype = static_cast<DType>(7);
-  expect_invalid("moments dtype", {"dtype"}, [&] { cpu::moments(x.data(), bad_dtype, g, st.data(), 1); });
-  expect_invalid("sum_ft dtype", {"dtype"}, [&] { cpu::sum_ft(x.data(), bad_dtype, g, sum_out.data(), 1); });
-  expect_invalid("normalize dtype", {"dtype"}, [&] {
-    cpu::normalize(x.data(), bad_dtype, g, mean.data(), invstd.data(), nullptr, nullptr, bad_dtype, out.data(), 1);
+  const TensorView bad_dtype{x.data(), static_cast<DType>(7), g};
+  const Affine no_affine{nullptr, nullptr, static_cast<DType>(7)};
+  rejected("moments dtype", {"dtype"}, [&] { pysbn::moments(bad_dtype, rec.data(), ex); });
+  rejected("sum_ft dtype", {"dtype"}, [&] { pysbn::sum_ft(bad_dtype, sum_out.data(), ex); });
+  rejected("normalize dtype", {"dtype"},
+           [&] { pysbn::normalize(bad_dtype, st.data(), no_affine, Act{}, out.data(), ex); });
+  rejected("batch_norm_forward dtype", {"dtype"}, [&] {
+    pysbn::batch_norm_forward(bad_dtype, nullptr, 1e-5, EpsMode::Plus, no_affine, Act{}, st.data(), out.data(),
+                              running(), ex);
+  });
+  rejected("backward_reduce dtype", {"dtype"}, [&] {
+    pysbn::backward_reduce(bad_dtype, dy.data(), st.data(), no_affine, Act{}, sums.data(), AffineGrad{}, ex);
   });
   Geometry bad_layout = g;
   bad_layout.layout = static_cast<Layout>(5);
-  expect_invalid("moments layout", {"layout"}, [&] { cpu::moments(x.data(), f, bad_layout, st.data(), 1); });
-  expect_invalid("normalize layout", {"layout"}, [&] {
-    cpu::normalize(x.data(), f, bad_layout, mean.data(), invstd.data(), w.data(), b.data(), f, out.data(), 1);
+  const TensorView xl{x.data(), f, bad_layout};
+  rejected("moments layout", {"layout"}, [&] { pysbn::moments(xl, rec.data(), ex); });
+  rejected("normalize layout", {"layout"}, [&] { pysbn::normalize(xl, st.data(), affine(), Act{}, out.data(), ex); });
+  rejected("backward_elemt layout", {"layout"}, [&] {
+    pysbn::backward_elemt(xl, dy.data(), st.data(), 1e-5, EpsMode::Plus, affine(), Act{}, sums.data(), out.data(), ex);
   });
+}
+
+/// Exec: num_threads >= 1 on the CPU, and a device that exists.
+TEST_F(Errors, BadExec)
+{
   for (int t : {0, -1}) {
-    const std::string tag = " num_threads=" + std::to_string(t);
-    expect_invalid("sum_ft" + tag, {"num_threads"}, [&] { cpu::sum_ft(x.data(), f, g, sum_out.data(), t); });
-    expect_invalid("moments" + tag, {"num_threads"}, [&] { cpu::moments(x.data(), f, g, st.data(), t); });
-    expect_invalid("normalize" + tag, {"num_threads"}, [&] {
-      cpu::normalize(x.data(), f, g, mean.data(), invstd.data(), w.data(), b.data(), f, out.data(), t);
-    });
-    expect_invalid("backward_reduce" + tag, {"num_threads"}, [&] {
-      cpu::backward_reduce(dy.data(), x.data(), f, g, mean.data(), invstd.data(), sums.data(), nullptr, nullptr, f, t);
-    });
-    expect_invalid("backward_elemt" + tag, {"num_threads"}, [&] {
-      cpu::backward_elemt(dy.data(), x.data(), f, g, mean.data(), invstd.data(), w.data(), f, sums.data(), &cnt,
-                          out.data(), t);
-    });
+    for (const OpCall& op : every_op(Exec{Device::CPU, t, nullptr})) {
+      rejected(op.name + " num_threads=" + std::to_string(t), {"num_threads"}, op.call);
+    }
+  }
+  for (int d : {2, -1, 7}) {
+    for (const OpCall& op : every_op(Exec{static_cast<Device>(d), 1, nullptr})) {
+      rejected(op.name + " device=" + std::to_string(d), {"exec.device", "device"}, op.call);
+    }
+  }
+}
+
+/// Device::CUDA in a build without CUDA: std::runtime_error from every op, nothing written.
+TEST_F(Errors, CudaExecWithoutCuda)
+{
+  if (pysbn::built_with_cuda()) { GTEST_SKIP() << "built with CUDA (host buffers cannot go to the CUDA ops)"; }
+  for (const OpCall& op : every_op(Exec{Device::CUDA, 1, nullptr})) {
+    const std::vector<double> before = outputs();
+    try {
+      op.call();
+      ADD_FAILURE() << op.name << ": expected std::runtime_error, nothing thrown";
+    } catch (const std::invalid_argument& e) {
+      ADD_FAILURE() << op.name << ": expected std::runtime_error, got std::invalid_argument: " << e.what();
+    } catch (const std::runtime_error& e) {
+      EXPECT_NE(std::string(e.what()).find("without CUDA"), std::string::npos) << op.name << ": " << e.what();
+      EXPECT_TRUE(names(e.what(), "CUDA")) << e.what();
+    }
+    expect_same_bits(op.name + ": outputs", outputs(), before);
+  }
+}
+
+/// The activation kinds outside the enum are rejected by name (the activations themselves are
+/// tested with their kernels).
+TEST_F(Errors, OutOfRangeActivationIsRejected)
+{
+  for (int kind : {99, -1}) {
+    for (const OpCall& op : every_op(ex, Act{static_cast<Activation>(kind)})) {
+      if (!op.takes_act) { continue; }
+      rejected(op.name + " act.kind=" + std::to_string(kind), {"act.kind", "act"}, op.call);
+    }
   }
 }
 
@@ -1486,21 +1929,26 @@ TEST_F(Errors, OverflowingGeometryIsRejected)
   const int64_t big = int64_t{1} << 40;
   for (const Geometry bad : {Geometry{big, big, 1, Layout::ChannelMajor}, Geometry{1, big, big, Layout::ChannelsLast},
                              Geometry{big, 2, big, Layout::ChannelMajor}}) {
-    expect_invalid("moments", {"geometry"}, [&] { cpu::moments(x.data(), f, bad, st.data(), 1); });
-    expect_invalid("sum_ft", {"geometry"}, [&] { cpu::sum_ft(x.data(), f, bad, sum_out.data(), 1); });
-    expect_invalid("normalize", {"geometry"}, [&] {
-      cpu::normalize(x.data(), f, bad, mean.data(), invstd.data(), w.data(), b.data(), f, out.data(), 1);
+    const TensorView xb{x.data(), f, bad};
+    rejected("moments", {"geometry"}, [&] { pysbn::moments(xb, rec.data(), ex); });
+    rejected("sum_ft", {"geometry"}, [&] { pysbn::sum_ft(xb, sum_out.data(), ex); });
+    rejected("normalize", {"geometry"}, [&] { pysbn::normalize(xb, st.data(), affine(), Act{}, out.data(), ex); });
+    rejected("batch_norm_forward", {"geometry"}, [&] {
+      pysbn::batch_norm_forward(xb, nullptr, 1e-5, EpsMode::Plus, affine(), Act{}, st.data(), out.data(), running(), ex);
     });
-    expect_invalid("backward_reduce", {"geometry"}, [&] {
-      cpu::backward_reduce(dy.data(), x.data(), f, bad, mean.data(), invstd.data(), sums.data(), nullptr, nullptr, f, 1);
+    rejected("backward_reduce", {"geometry"},
+             [&] { pysbn::backward_reduce(xb, dy.data(), st.data(), affine(), Act{}, sums.data(), grad(), ex); });
+    rejected("backward_elemt", {"geometry"}, [&] {
+      pysbn::backward_elemt(xb, dy.data(), st.data(), 1e-5, EpsMode::Plus, affine(), Act{}, sums.data(), out.data(), ex);
     });
-    expect_invalid("backward_elemt", {"geometry"}, [&] {
-      cpu::backward_elemt(dy.data(), x.data(), f, bad, mean.data(), invstd.data(), w.data(), f, sums.data(), &cnt,
-                          out.data(), 1);
+    rejected("batch_norm_backward", {"geometry"}, [&] {
+      pysbn::batch_norm_backward(xb, dy.data(), st.data(), 1e-5, EpsMode::Plus, affine(), Act{}, sums.data(), grad(),
+                                 out.data(), ex);
     });
   }
   // A zero extent makes the product 0 however large the others are: valid (nothing to do).
-  EXPECT_NO_THROW(cpu::moments(nullptr, f, Geometry{0, C, int64_t{1} << 62, Layout::ChannelMajor}, st.data(), 1));
+  EXPECT_NO_THROW(pysbn::moments(TensorView{nullptr, f, Geometry{0, C, int64_t{1} << 62, Layout::ChannelMajor}},
+                                 rec.data(), ex));
 }
 
 TEST_F(Errors, BadParamDtype)
@@ -1516,92 +1964,113 @@ TEST_F(Errors, BadParamDtype)
   for (const auto& dp : bad) {
     const DType dt = dp[0], pt = dp[1];
     const std::string tag = " " + dtype_str(dt) + "/" + dtype_str(pt);
-    Buf xx(dt, 24), dd(dt, 24), yy(dt, 24), pw(DType::Float64, C), pb(DType::Float64, C);
-    expect_invalid("normalize" + tag, {"param_dtype"}, [&] {
-      cpu::normalize(xx.data(), dt, g, mean.data(), invstd.data(), pw.data(), pb.data(), pt, yy.data(), 1);
-    });
-    expect_invalid("backward_reduce" + tag, {"param_dtype"}, [&] {
-      cpu::backward_reduce(dd.data(), xx.data(), dt, g, mean.data(), invstd.data(), sums.data(), pw.data(), pb.data(), pt, 1);
-    });
-    expect_invalid("backward_elemt" + tag, {"param_dtype"}, [&] {
-      cpu::backward_elemt(dd.data(), xx.data(), dt, g, mean.data(), invstd.data(), pw.data(), pt, sums.data(), &cnt,
-                          yy.data(), 1);
-    });
+    Buf xx(dt, 24), dd(dt, 24), yy(dt, 24), pw(DType::Float64, C), pb(DType::Float64, C), qw(DType::Float64, C),
+      qb(DType::Float64, C);
+    for (Buf* bb : {&xx, &dd, &yy, &pw, &pb, &qw, &qb}) { bb->fill(0.75); }
+    const TensorView xt{xx.data(), dt, g};
+    const Affine bad_affine{pw.data(), pb.data(), pt};
+    const AffineGrad bad_grad{qw.data(), qb.data(), pt};
+    const Affine no_affine{nullptr, nullptr, dt};
+    const AffineGrad no_grad{nullptr, nullptr, dt};
+    const std::initializer_list<const Buf*> written = {&yy, &qw, &qb};
+    rejected("normalize" + tag, {"affine"},
+             [&] { pysbn::normalize(xt, st.data(), bad_affine, Act{}, yy.data(), ex); }, written);
+    rejected("batch_norm_forward" + tag, {"affine"}, [&] {
+      pysbn::batch_norm_forward(xt, nullptr, 1e-5, EpsMode::Plus, bad_affine, Act{}, st.data(), yy.data(), running(),
+                                ex);
+    }, written);
+    rejected("backward_reduce affine" + tag, {"affine"}, [&] {
+      pysbn::backward_reduce(xt, dd.data(), st.data(), bad_affine, Act{}, sums.data(), no_grad, ex);
+    }, written);
+    rejected("backward_reduce grad" + tag, {"grad"}, [&] {
+      pysbn::backward_reduce(xt, dd.data(), st.data(), no_affine, Act{}, sums.data(), bad_grad, ex);
+    }, written);
+    rejected("backward_elemt" + tag, {"affine"}, [&] {
+      pysbn::backward_elemt(xt, dd.data(), st.data(), 1e-5, EpsMode::Plus, Affine{pw.data(), nullptr, pt}, Act{},
+                            sums.data(), yy.data(), ex);
+    }, written);
+    rejected("batch_norm_backward grad" + tag, {"grad"}, [&] {
+      pysbn::batch_norm_backward(xt, dd.data(), st.data(), 1e-5, EpsMode::Plus, no_affine, Act{}, sums.data(),
+                                 bad_grad, yy.data(), ex);
+    }, written);
   }
 }
 
 TEST_F(Errors, MergeAndFinalizeArguments)
 {
-  std::vector<double> recs(2 * (2 * C + 1), 0.0), merged(2 * C + 1, 0.0);
-  expect_invalid("merge_moments k < 0", {"k"}, [&] { cpu::merge_moments(-1, C, recs.data(), merged.data()); });
-  expect_invalid("merge_moments c < 0", {"c", "C"}, [&] { cpu::merge_moments(2, -1, recs.data(), merged.data()); });
-  expect_invalid("merge_moments records", {"records"}, [&] { cpu::merge_moments(2, C, nullptr, merged.data()); });
-  expect_invalid("merge_moments out", {"out"}, [&] { cpu::merge_moments(2, C, recs.data(), nullptr); });
+  for (int64_t k : {0, -1}) {
+    rejected("merge_moments k=" + std::to_string(k), {"k"},
+             [&] { pysbn::merge_moments(k, C, recs.data(), rec.data(), ex); });
+  }
+  rejected("merge_moments c < 0", {"c", "C"}, [&] { pysbn::merge_moments(2, -1, recs.data(), rec.data(), ex); });
   recs[2 * C + 1] = -1.0;  // the second record's count
-  expect_invalid("merge_moments negative count", {"count"}, [&] { cpu::merge_moments(2, C, recs.data(), merged.data()); });
+  rejected("merge_moments negative count", {"count"}, [&] { pysbn::merge_moments(2, C, recs.data(), rec.data(), ex); });
 
-  Buf rm(DType::Float32, C), rv(DType::Float32, C);
-  expect_invalid("finalize c < 0", {"c", "C"}, [&] {
-    cpu::finalize(-1, st.data(), 1e-5, EpsMode::Plus, mean.data(), invstd.data(), nullptr, nullptr, f, 0.1);
+  rejected("finalize c < 0", {"c", "C"},
+           [&] { pysbn::finalize(-1, rec.data(), 1e-5, EpsMode::Plus, st.data(), running(), ex); });
+  rejected("finalize mode", {"mode"},
+           [&] { pysbn::finalize(C, rec.data(), 1e-5, static_cast<EpsMode>(7), st.data(), running(), ex); });
+  rejected("finalize running.dtype", {"running.dtype"}, [&] {
+    pysbn::finalize(C, rec.data(), 1e-5, EpsMode::Plus, st.data(),
+                    RunningStats{rm.data(), rv.data(), static_cast<DType>(9), 0.1, false, &counter}, ex);
   });
-  expect_invalid("finalize stats", {"stats"}, [&] {
-    cpu::finalize(C, nullptr, 1e-5, EpsMode::Plus, mean.data(), invstd.data(), nullptr, nullptr, f, 0.1);
-  });
-  expect_invalid("finalize mean", {"mean"}, [&] {
-    cpu::finalize(C, st.data(), 1e-5, EpsMode::Plus, nullptr, invstd.data(), nullptr, nullptr, f, 0.1);
-  });
-  expect_invalid("finalize invstd", {"invstd"}, [&] {
-    cpu::finalize(C, st.data(), 1e-5, EpsMode::Plus, mean.data(), nullptr, nullptr, nullptr, f, 0.1);
-  });
-  expect_invalid("finalize mode", {"mode"}, [&] {
-    cpu::finalize(C, st.data(), 1e-5, static_cast<EpsMode>(7), mean.data(), invstd.data(), nullptr, nullptr, f, 0.1);
-  });
-  expect_invalid("finalize param_dtype", {"param_dtype"}, [&] {
-    cpu::finalize(C, st.data(), 1e-5, EpsMode::Plus, mean.data(), invstd.data(), rm.data(), rv.data(),
-                  static_cast<DType>(9), 0.1);
-  });
-  expect_invalid("finalize eps < 0", {"eps"}, [&] {
-    cpu::finalize(C, st.data(), -1e-5, EpsMode::Plus, mean.data(), invstd.data(), nullptr, nullptr, f, 0.1);
-  });
-  expect_invalid("finalize factor NaN", {"factor"}, [&] {
-    cpu::finalize(C, st.data(), 1e-5, EpsMode::Plus, mean.data(), invstd.data(), rm.data(), rv.data(), f, std::nan(""));
+  for (double eps : {-1e-5, std::nan(""), std::numeric_limits<double>::infinity()}) {
+    rejected("finalize eps=" + std::to_string(eps), {"eps"},
+             [&] { pysbn::finalize(C, rec.data(), eps, EpsMode::Plus, st.data(), running(), ex); });
+  }
+  rejected("finalize momentum NaN", {"running.momentum", "momentum"}, [&] {
+    pysbn::finalize(C, rec.data(), 1e-5, EpsMode::Plus, st.data(),
+                    RunningStats{rm.data(), rv.data(), f, std::nan(""), false, &counter}, ex);
   });
   // Running stats come both or neither (the contract's words).
-  expect_invalid("finalize running_var without running_mean", {"running_mean", "running_var"}, [&] {
-    cpu::finalize(C, st.data(), 1e-5, EpsMode::Plus, mean.data(), invstd.data(), nullptr, rv.data(), f, 0.1);
+  rejected("finalize running.var without running.mean", {"running.mean", "running.var"}, [&] {
+    pysbn::finalize(C, rec.data(), 1e-5, EpsMode::Plus, st.data(), RunningStats{nullptr, rv.data(), f}, ex);
   });
-  expect_invalid("finalize running_mean without running_var", {"running_mean", "running_var"}, [&] {
-    cpu::finalize(C, st.data(), 1e-5, EpsMode::Plus, mean.data(), invstd.data(), rm.data(), nullptr, f, 0.1);
+  rejected("finalize running.mean without running.var", {"running.mean", "running.var"}, [&] {
+    pysbn::finalize(C, rec.data(), 1e-5, EpsMode::Plus, st.data(), RunningStats{rm.data(), nullptr, f}, ex);
+  });
+  // The cumulative average needs the counter it divides by.
+  rejected("finalize cumulative without num_batches_tracked", {"running.num_batches_tracked", "running.cumulative"}, [&] {
+    pysbn::finalize(C, rec.data(), 1e-5, EpsMode::Plus, st.data(),
+                    RunningStats{rm.data(), rv.data(), f, 0.1, true, nullptr}, ex);
   });
 }
 
-/// A throwing fused_forward writes nothing: the running statistics and the counter stay.
-TEST_F(Errors, FusedForwardChecksEverythingBeforeWriting)
+/// A throwing batch_norm_forward writes nothing: the statistics, y, the running statistics and
+/// the counter stay.
+TEST_F(Errors, BatchNormForwardChecksEverythingBeforeWriting)
 {
-  Buf rm(DType::Float32, C), rv(DType::Float32, C);
-  rm.fill(0.5);
-  rv.fill(2.0);
-  int64_t counter = 7;
   auto call = [&](const void* xp, DType pd, EpsMode mode, DType rd, void* yp, double eps) {
-    cpu::fused_forward(xp, f, g, w.data(), b.data(), pd, eps, mode, st.data(), mean.data(), invstd.data(), rm.data(),
-                       rv.data(), rd, 0.1, &counter, yp, 1);
+    pysbn::batch_norm_forward(TensorView{xp, f, g}, nullptr, eps, mode, Affine{w.data(), b.data(), pd}, Act{},
+                              st.data(), yp, RunningStats{rm.data(), rv.data(), rd, 0.1, false, &counter}, ex);
   };
-  expect_invalid("fused_forward y", {"y"}, [&] { call(x.data(), f, EpsMode::Plus, f, nullptr, 1e-5); });
-  expect_invalid("fused_forward x", {"x"}, [&] { call(nullptr, f, EpsMode::Plus, f, out.data(), 1e-5); });
-  expect_invalid("fused_forward param_dtype", {"param_dtype"},
-                 [&] { call(x.data(), DType::Float64, EpsMode::Plus, f, out.data(), 1e-5); });
-  expect_invalid("fused_forward running_dtype", {"running_dtype"},
-                 [&] { call(x.data(), f, EpsMode::Plus, static_cast<DType>(9), out.data(), 1e-5); });
-  expect_invalid("fused_forward mode", {"mode"},
-                 [&] { call(x.data(), f, static_cast<EpsMode>(5), f, out.data(), 1e-5); });
-  expect_invalid("fused_forward eps", {"eps"}, [&] { call(x.data(), f, EpsMode::Plus, f, out.data(), -1.0); });
-  expect_invalid("fused_forward running stats both or neither", {"running_mean", "running_var"}, [&] {
-    cpu::fused_forward(x.data(), f, g, nullptr, nullptr, f, 1e-5, EpsMode::Plus, st.data(), mean.data(),
-                       invstd.data(), rm.data(), nullptr, f, 0.1, &counter, out.data(), 1);
+  rejected("batch_norm_forward y", {"y"}, [&] { call(x.data(), f, EpsMode::Plus, f, nullptr, 1e-5); });
+  rejected("batch_norm_forward x", {"x"}, [&] { call(nullptr, f, EpsMode::Plus, f, out.data(), 1e-5); });
+  rejected("batch_norm_forward affine dtype", {"affine"},
+           [&] { call(x.data(), DType::Float64, EpsMode::Plus, f, out.data(), 1e-5); });
+  rejected("batch_norm_forward running.dtype", {"running.dtype"},
+           [&] { call(x.data(), f, EpsMode::Plus, static_cast<DType>(9), out.data(), 1e-5); });
+  rejected("batch_norm_forward mode", {"mode"}, [&] { call(x.data(), f, static_cast<EpsMode>(5), f, out.data(), 1e-5); });
+  rejected("batch_norm_forward eps", {"eps"}, [&] { call(x.data(), f, EpsMode::Plus, f, out.data(), -1.0); });
+  rejected("batch_norm_forward running stats both or neither", {"running.mean", "running.var"}, [&] {
+    pysbn::batch_norm_forward(xv(), nullptr, 1e-5, EpsMode::Plus, Affine{nullptr, nullptr, f}, Act{}, st.data(),
+                              out.data(), RunningStats{rm.data(), nullptr, f, 0.1, false, &counter}, ex);
   });
-  expect_invalid("fused_forward num_threads", {"num_threads"}, [&] {
-    cpu::fused_forward(x.data(), f, g, nullptr, nullptr, f, 1e-5, EpsMode::Plus, st.data(), mean.data(),
-                       invstd.data(), rm.data(), rv.data(), f, 0.1, &counter, out.data(), 0);
+  rejected("batch_norm_forward running.momentum", {"running.momentum", "momentum"}, [&] {
+    pysbn::batch_norm_forward(xv(), nullptr, 1e-5, EpsMode::Plus, affine(), Act{}, st.data(), out.data(),
+                              RunningStats{rm.data(), rv.data(), f, std::nan(""), false, &counter}, ex);
+  });
+  rejected("batch_norm_forward cumulative without counter", {"running.num_batches_tracked", "running.cumulative"}, [&] {
+    pysbn::batch_norm_forward(xv(), nullptr, 1e-5, EpsMode::Plus, affine(), Act{}, st.data(), out.data(),
+                              RunningStats{rm.data(), rv.data(), f, 0.1, true, nullptr}, ex);
+  });
+  rejected("batch_norm_forward record is stats", {"record", "stats"}, [&] {
+    pysbn::batch_norm_forward(xv(), st.data(), 1e-5, EpsMode::Plus, affine(), Act{}, st.data(), out.data(), running(),
+                              ex);
+  });
+  rejected("batch_norm_forward num_threads", {"num_threads"}, [&] {
+    pysbn::batch_norm_forward(xv(), nullptr, 1e-5, EpsMode::Plus, Affine{nullptr, nullptr, f}, Act{}, st.data(),
+                              out.data(), running(), Exec{Device::CPU, 0, nullptr});
   });
   EXPECT_EQ(counter, 7);
   for (int64_t c = 0; c < C; ++c) {
@@ -1612,42 +2081,63 @@ TEST_F(Errors, FusedForwardChecksEverythingBeforeWriting)
 
 /// A zero-size batch: the counter still counts (as nn.BatchNorm's num_batches_tracked), the
 /// running statistics stay, mean = 0 and invstd = 1/sqrt(eps).
-TEST_F(Errors, FusedForwardOnAnEmptyBatch)
+TEST_F(Errors, BatchNormForwardOnAnEmptyBatch)
 {
   const Geometry empty{0, C, 4, Layout::ChannelMajor};
-  Buf rm(DType::Float32, C), rv(DType::Float32, C);
-  rm.fill(0.5);
-  rv.fill(2.0);
-  int64_t counter = 0;
-  cpu::fused_forward(nullptr, f, empty, w.data(), b.data(), f, 0.25, EpsMode::Plus, st.data(), mean.data(),
-                     invstd.data(), rm.data(), rv.data(), f, 0.1, &counter, nullptr, 2);
-  EXPECT_EQ(counter, 1);
+  int64_t tracked = 0;
+  st = nans(3 * C + 1);
+  pysbn::batch_norm_forward(TensorView{nullptr, f, empty}, nullptr, 0.25, EpsMode::Plus, affine(), Act{}, st.data(),
+                            nullptr, RunningStats{rm.data(), rv.data(), f, 0.1, false, &tracked}, cpu_exec(2));
+  EXPECT_EQ(tracked, 1);
   EXPECT_EQ(st[0], 0.0);
   for (int64_t c = 0; c < C; ++c) {
     EXPECT_EQ(rm.get(c), 0.5);
     EXPECT_EQ(rv.get(c), 2.0);
-    EXPECT_EQ(mean[static_cast<size_t>(c)], 0.0);
-    EXPECT_EQ(invstd[static_cast<size_t>(c)], 2.0);
+    EXPECT_EQ(st[static_cast<size_t>(1 + c)], 0.0);
+    EXPECT_EQ(st[static_cast<size_t>(1 + C + c)], 0.0);
+    EXPECT_EQ(st[static_cast<size_t>(1 + 2 * C + c)], 2.0);
+  }
+  // The cumulative average: the counter counts, the running statistics stay.
+  pysbn::batch_norm_forward(TensorView{nullptr, f, empty}, nullptr, 0.25, EpsMode::Clamp, affine(), Act{}, st.data(),
+                            nullptr, RunningStats{rm.data(), rv.data(), f, 0.1, true, &tracked}, cpu_exec(1));
+  EXPECT_EQ(tracked, 2);
+  for (int64_t c = 0; c < C; ++c) {
+    EXPECT_EQ(rm.get(c), 0.5);
+    EXPECT_EQ(rv.get(c), 2.0);
   }
 }
 
-TEST_F(Errors, FusedBackwardArguments)
+TEST_F(Errors, BatchNormBackwardArguments)
 {
-  expect_invalid("fused_backward count", {"count"}, [&] {
-    cpu::fused_backward(dy.data(), x.data(), f, g, mean.data(), invstd.data(), w.data(), f, nullptr, sums.data(),
-                        nullptr, nullptr, out.data(), 1);
+  rejected("batch_norm_backward stats", {"stats"}, [&] {
+    pysbn::batch_norm_backward(xv(), dy.data(), nullptr, 1e-5, EpsMode::Plus, affine(), Act{}, sums.data(), grad(),
+                               out.data(), ex);
   });
-  expect_invalid("fused_backward sums", {"sums"}, [&] {
-    cpu::fused_backward(dy.data(), x.data(), f, g, mean.data(), invstd.data(), w.data(), f, &cnt, nullptr, nullptr,
-                        nullptr, out.data(), 1);
+  {  // On the CPU, sums may be null (the local sums are then the core's own scratch): same bits.
+    pysbn::batch_norm_backward(xv(), dy.data(), st.data(), 1e-5, EpsMode::Plus, affine(), Act{}, sums.data(), grad(),
+                               out.data(), ex);
+    const std::vector<double> with_sums = out.values();
+    pysbn::batch_norm_backward(xv(), dy.data(), st.data(), 1e-5, EpsMode::Plus, affine(), Act{}, nullptr, grad(),
+                               out.data(), ex);
+    expect_same_bits("dx with null sums (CPU scratch)", out.values(), with_sums);
+  }
+  rejected("batch_norm_backward dy", {"dy"}, [&] {
+    pysbn::batch_norm_backward(xv(), nullptr, st.data(), 1e-5, EpsMode::Plus, affine(), Act{}, sums.data(), grad(),
+                               out.data(), ex);
   });
-  expect_invalid("fused_backward dy", {"dy"}, [&] {
-    cpu::fused_backward(nullptr, x.data(), f, g, mean.data(), invstd.data(), w.data(), f, &cnt, sums.data(), nullptr,
-                        nullptr, out.data(), 1);
+  rejected("batch_norm_backward x", {"x"}, [&] {
+    pysbn::batch_norm_backward(TensorView{nullptr, f, g}, dy.data(), st.data(), 1e-5, EpsMode::Plus, affine(), Act{},
+                               sums.data(), grad(), out.data(), ex);
   });
-  // No dx: the count is not needed.
-  cpu::fused_backward(dy.data(), x.data(), f, g, mean.data(), invstd.data(), w.data(), f, nullptr, sums.data(),
-                      nullptr, nullptr, nullptr, 1);
+  rejected("batch_norm_backward mode", {"mode"}, [&] {
+    pysbn::batch_norm_backward(xv(), dy.data(), st.data(), 1e-5, static_cast<EpsMode>(3), affine(), Act{}, sums.data(),
+                               grad(), out.data(), ex);
+  });
+  // No dx: parameter gradients only; dx stays as it was.
+  const std::vector<double> dx_before = out.values();
+  pysbn::batch_norm_backward(xv(), dy.data(), st.data(), 1e-5, EpsMode::Plus, affine(), Act{}, sums.data(), grad(),
+                             nullptr, ex);
+  expect_same_bits("dx (null: not written)", out.values(), dx_before);
 }
 
 }  // namespace

@@ -1,7 +1,8 @@
 // SPDX-License-Identifier: MIT
-// The cuda:: ops against float64 host references written here (and against the cpu:: ops where
-// both must agree). Inputs are rounded to their dtype on the host first, so the reference sees
-// exactly the values the kernels see. Labelled `gpu`; skipped when no CUDA device is present.
+// The ops on the GPU (Exec{Device::CUDA, 1, stream}) against float64 host references written
+// here (and against the same ops on the CPU where both must agree). Inputs are rounded to their
+// dtype on the host first, so the reference sees exactly the values the kernels see. Labelled
+// `gpu`; skipped when no CUDA device is present.
 #include <gtest/gtest.h>
 #include <pysbn/core.hpp>
 
@@ -23,10 +24,17 @@
 
 namespace {
 
+using pysbn::Act;
+using pysbn::Affine;
+using pysbn::AffineGrad;
+using pysbn::Device;
 using pysbn::DType;
 using pysbn::EpsMode;
+using pysbn::Exec;
 using pysbn::Geometry;
 using pysbn::Layout;
+using pysbn::RunningStats;
+using pysbn::TensorView;
 using Bytes = std::vector<unsigned char>;
 
 constexpr DType kTypes[] = {DType::Float32, DType::Float64, DType::Float16, DType::BFloat16};
@@ -77,6 +85,26 @@ std::string describe(DType d, Geometry g)
 }
 
 size_t esize(DType d) { return static_cast<size_t>(pysbn::dtype_size(d)); }
+
+/// The GPU, on `stream`.
+Exec on_gpu(void* stream) { return Exec{Device::CUDA, 1, stream}; }
+
+/// The CPU, with `threads` threads.
+Exec on_cpu(int threads) { return Exec{Device::CPU, threads, nullptr}; }
+
+/// The batch statistics [count, mean[C], m2[C], invstd[C]] (see core.hpp) from their parts.
+std::vector<double> make_stats(double count, const std::vector<double>& mean, const std::vector<double>& m2,
+                               const std::vector<double>& invstd)
+{
+  std::vector<double> s{count};
+  s.insert(s.end(), mean.begin(), mean.end());
+  s.insert(s.end(), m2.begin(), m2.end());
+  s.insert(s.end(), invstd.begin(), invstd.end());
+  return s;
+}
+
+/// n NaNs: slots an op must not read.
+std::vector<double> nans(size_t n) { return std::vector<double>(n, std::numeric_limits<double>::quiet_NaN()); }
 
 bool is_half(DType d) { return d == DType::Float16 || d == DType::BFloat16; }
 
@@ -298,18 +326,19 @@ class CudaOps : public ::testing::Test {
     if (stream_ != nullptr) { cudaStreamDestroy(stream_); }
   }
   void* stream() const { return stream_; }
+  Exec exec() const { return on_gpu(stream_); }
   void sync() const
   {
     check(cudaStreamSynchronize(stream_), "cudaStreamSynchronize");
     check(cudaGetLastError(), "kernel");
   }
 
-  /// cuda::moments of host values; returns the record.
+  /// moments on the GPU of host values; returns the record.
   std::vector<double> run_moments(const std::vector<double>& x, DType d, Geometry g, size_t shift = 0)
   {
     Dev dx(encode(x, d), shift);
     Dev ds = Dev::filled((2 * g.c + 1) * sizeof(double), 0xff);
-    pysbn::cuda::moments(dx.get(), d, g, ds.as<double>(), stream());
+    pysbn::moments(TensorView{dx.get(), d, g}, ds.as<double>(), exec());
     sync();
     return decode(ds.download(), DType::Float64);
   }
@@ -410,7 +439,7 @@ TEST_F(CudaOps, SumMatchesFloat64Reference)
         const auto x = random_input(g, d, seed++, 0.5);
         Dev dx(encode(x, d));
         Dev dout = Dev::filled(g.c * sizeof(double), 0xff);
-        pysbn::cuda::sum_ft(dx.get(), d, g, dout.as<double>(), stream());
+        pysbn::sum_ft(TensorView{dx.get(), d, g}, dout.as<double>(), exec());
         sync();
         const auto got = decode(dout.download(), DType::Float64);
         const auto ref = channel_sum(g, [&](int64_t n, int64_t c, int64_t l) { return x[at(g, n, c, l)]; });
@@ -429,7 +458,7 @@ TEST_F(CudaOps, SumOfEmptyInputIsZero)
   for (DType d : kTypes) {
     Geometry g{0, 5, 3, Layout::ChannelMajor};
     Dev dout = Dev::filled(g.c * sizeof(double), 0xff);
-    pysbn::cuda::sum_ft(nullptr, d, g, dout.as<double>(), stream());
+    pysbn::sum_ft(TensorView{nullptr, d, g}, dout.as<double>(), exec());
     sync();
     for (double v : decode(dout.download(), DType::Float64)) { EXPECT_EQ(v, 0.0) << name(d); }
   }
@@ -489,7 +518,7 @@ TEST_F(CudaOps, MergeMomentsIsExactForUnequalAndZeroCounts)
       const int64_t k = static_cast<int64_t>(counts.size());
       Dev drec(f64(mc.records));
       Dev dout = Dev::filled((2 * c_n + 1) * sizeof(double), 0xff);
-      pysbn::cuda::merge_moments(k, c_n, drec.as<double>(), dout.as<double>(), stream());
+      pysbn::merge_moments(k, c_n, drec.as<double>(), dout.as<double>(), exec());
       sync();
       const auto got = decode(dout.download(), DType::Float64);
       EXPECT_EQ(got[0], mc.all.count);
@@ -504,15 +533,15 @@ TEST_F(CudaOps, MergeMomentsIsExactForUnequalAndZeroCounts)
 
 TEST_F(CudaOps, MergeMomentsOfNothing)
 {
-  // k = 0: an empty record.
+  // k = 0: no records is an argument error (k >= 1), rejected before any device work.
   Dev dout = Dev::filled(7 * sizeof(double), 0xff);
-  pysbn::cuda::merge_moments(0, 3, nullptr, dout.as<double>(), stream());
+  EXPECT_THROW(pysbn::merge_moments(0, 3, nullptr, dout.as<double>(), exec()), std::invalid_argument);
   sync();
-  for (double v : decode(dout.download(), DType::Float64)) { EXPECT_EQ(v, 0.0); }
+  for (double v : decode(dout.download(), DType::Float64)) { EXPECT_TRUE(std::isnan(v)) << "written: " << v; }
   // C = 0: only the counts are merged.
   Dev drec(f64({4.0, 0.0, 6.0}));
   Dev dc = Dev::filled(sizeof(double), 0xff);
-  pysbn::cuda::merge_moments(3, 0, drec.as<double>(), dc.as<double>(), stream());
+  pysbn::merge_moments(3, 0, drec.as<double>(), dc.as<double>(), exec());
   sync();
   EXPECT_EQ(decode(dc.download(), DType::Float64)[0], 10.0);
 }
@@ -541,24 +570,33 @@ TEST_F(CudaOps, FinalizeMatchesFormula)
             const double factor = 0.1;
 
             Dev drec(f64(rec));
-            Dev dmean = Dev::filled(c_n * sizeof(double), 0xff);
-            Dev dinv = Dev::filled(c_n * sizeof(double), 0xff);
+            Dev dstats = Dev::filled(pysbn::stats_size(c_n) * sizeof(double), 0xff);
             Dev drm(encode(rm0, pd)), drv(encode(rv0, pd));
-            pysbn::cuda::finalize(c_n, drec.as<double>(), eps, mode, dmean.as<double>(), dinv.as<double>(),
-                                  running ? drm.get() : nullptr, running ? drv.get() : nullptr, pd, factor,
-                                  stream());
+            const int64_t start = 5;
+            Bytes hc(sizeof start);
+            std::memcpy(hc.data(), &start, sizeof start);
+            Dev counter(hc);
+            pysbn::finalize(c_n, drec.as<double>(), eps, mode, dstats.as<double>(),
+                            running ? RunningStats{drm.get(), drv.get(), pd, factor, false, counter.as<int64_t>()}
+                                    : RunningStats{},
+                            exec());
             sync();
-            const auto gm = decode(dmean.download(), DType::Float64);
-            const auto gi = decode(dinv.download(), DType::Float64);
+            const auto gs = decode(dstats.download(), DType::Float64);
             const auto grm = decode(drm.download(), pd);
             const auto grv = decode(drv.download(), pd);
+            int64_t after = 0;
+            std::memcpy(&after, counter.download().data(), sizeof after);
+            // The record is copied in front of the statistics as it is (a count-0 record too).
+            for (size_t i = 0; i < rec.size(); ++i) { EXPECT_EQ(gs[i], rec[i]) << "record slot " << i; }
+            // The counter counts every batch, also a count-0 one.
+            EXPECT_EQ(after, running ? start + 1 : start) << "num_batches_tracked";
             for (int64_t c = 0; c < c_n; ++c) {
               const double m = count > 0 ? rec[1 + c] : 0.0;
               const double m2 = count > 0 ? rec[1 + c_n + c] : 0.0;
               const double v = count > 0 ? m2 / count : 0.0;
               const double inv = 1.0 / std::sqrt(mode == EpsMode::Plus ? v + eps : std::max(v, eps));
-              EXPECT_EQ(gm[c], m) << c;
-              EXPECT_NEAR(gi[c], inv, 1e-14 * inv) << c;
+              if (count > 0) { EXPECT_EQ(gs[1 + c], m) << c; }
+              EXPECT_NEAR(gs[1 + 2 * c_n + c], inv, 1e-14 * inv) << c;
               double rm = rm0[c], rv = rv0[c];
               if (running && count > 0) {
                 rm = (1 - factor) * rm + factor * m;
@@ -572,6 +610,64 @@ TEST_F(CudaOps, FinalizeMatchesFormula)
               EXPECT_NEAR(grv[c], rv, ptol * (std::fabs(rv0[c]) + uv) + 1e-300) << "running_var " << c;
             }
           }
+        }
+      }
+    }
+  }
+}
+
+/// The record may be the front of the statistics buffer itself, and RunningStats.cumulative
+/// divides by num_batches_tracked after its increment (the counter counts a count-0 batch too,
+/// whose running statistics stay): the same results as the same calls on the CPU, which are
+/// tested against references in test_cpu_ops.
+TEST_F(CudaOps, FinalizeAliasedAndCumulativeAgreeWithCpu)
+{
+  const int64_t c_n = 37;
+  const size_t stats_n = static_cast<size_t>(pysbn::stats_size(c_n));
+  for (DType pd : kTypes) {
+    for (double count : {0.0, 5.0, 1000.0}) {
+      for (bool cumulative : {true, false}) {
+        SCOPED_TRACE(std::string(name(pd)) + " count=" + std::to_string(count) + (cumulative ? " cumulative" : ""));
+        std::vector<double> front{count};
+        const auto mean = random_vector(c_n, 11, -3.0, 3.0, DType::Float64);
+        const auto var = random_vector(c_n, 12, 0.0, 1.0, DType::Float64);
+        for (double m : mean) { front.push_back(count > 0 ? m : 0.0); }
+        for (double v : var) { front.push_back(v * count); }
+        const std::vector<double> rec = front;
+        front.resize(stats_n, std::numeric_limits<double>::quiet_NaN());
+        const auto rm0 = random_vector(c_n, 13, -1.0, 1.0, pd), rv0 = random_vector(c_n, 14, 0.5, 2.0, pd);
+        const double momentum = cumulative ? std::numeric_limits<double>::quiet_NaN() : 0.1;
+
+        std::vector<double> cst = front;
+        Bytes crm = encode(rm0, pd), crv = encode(rv0, pd);
+        int64_t cctr = 4;
+        pysbn::finalize(c_n, cst.data(), 0.3, EpsMode::Clamp, cst.data(),
+                        RunningStats{crm.data(), crv.data(), pd, momentum, cumulative, &cctr}, on_cpu(1));
+
+        const int64_t start = 4;
+        Bytes hc(sizeof start);
+        std::memcpy(hc.data(), &start, sizeof start);
+        Dev dst(f64(front)), drm(encode(rm0, pd)), drv(encode(rv0, pd)), counter(hc);
+        pysbn::finalize(c_n, dst.as<double>(), 0.3, EpsMode::Clamp, dst.as<double>(),
+                        RunningStats{drm.get(), drv.get(), pd, momentum, cumulative, counter.as<int64_t>()}, exec());
+        sync();
+        int64_t after = 0;
+        std::memcpy(&after, counter.download().data(), sizeof after);
+        EXPECT_EQ(after, start + 1) << "num_batches_tracked";
+        EXPECT_EQ(cctr, start + 1) << "num_batches_tracked (CPU)";
+        const auto gs = decode(dst.download(), DType::Float64);
+        for (size_t i = 0; i < rec.size(); ++i) { EXPECT_EQ(gs[i], rec[i]) << "record slot " << i; }
+        for (size_t i = rec.size(); i < stats_n; ++i) { EXPECT_NEAR(gs[i], cst[i], 1e-14 * cst[i]) << "invstd " << i; }
+        const auto grm = decode(drm.download(), pd), grv = decode(drv.download(), pd);
+        const auto crmv = decode(crm, pd), crvv = decode(crv, pd);
+        for (int64_t c = 0; c < c_n; ++c) {
+          if (count == 0) {
+            EXPECT_EQ(grm[c], rm0[c]) << "running_mean untouched " << c;
+            EXPECT_EQ(grv[c], rv0[c]) << "running_var untouched " << c;
+          }
+          const double ptol = eps_of(pd) + 1e-13;
+          EXPECT_NEAR(grm[c], crmv[c], ptol * (std::fabs(rm0[c]) + std::fabs(rec[1 + c])) + 1e-300) << "running_mean " << c;
+          EXPECT_NEAR(grv[c], crvv[c], ptol * (std::fabs(rv0[c]) + std::fabs(crvv[c])) + 1e-300) << "running_var " << c;
         }
       }
     }
@@ -599,15 +695,21 @@ NormCase make_norm_case(int64_t c_n, DType pd, uint32_t seed, double offset = 0.
   return nc;
 }
 
-/// cuda::normalize of host values, y returned decoded.
+/// The batch statistics of a NormCase: the count of g, its mean and invstd, m2 unread (NaN).
+std::vector<double> norm_stats(const NormCase& nc, Geometry g)
+{
+  return make_stats(static_cast<double>(g.n * g.l), nc.mean, nans(nc.mean.size()), nc.invstd);
+}
+
+/// normalize on the GPU of host values, y returned decoded.
 std::vector<double> run_normalize(void* stream, const std::vector<double>& x, DType d, Geometry g, const NormCase& nc,
                                   DType pd, bool use_w, bool use_b, size_t shift = 0)
 {
-  Dev dx(encode(x, d), shift), dm(f64(nc.mean)), di(f64(nc.invstd));
+  Dev dx(encode(x, d), shift), dstats(f64(norm_stats(nc, g)));
   Dev dw(encode(nc.weight, pd)), db(encode(nc.bias, pd));
   Dev dy(Bytes(x.size() * esize(d), 0xff), shift);
-  pysbn::cuda::normalize(dx.get(), d, g, dm.as<double>(), di.as<double>(), use_w ? dw.get() : nullptr,
-                         use_b ? db.get() : nullptr, pd, dy.get(), stream);
+  pysbn::normalize(TensorView{dx.get(), d, g}, dstats.as<double>(),
+                   Affine{use_w ? dw.get() : nullptr, use_b ? db.get() : nullptr, pd}, Act{}, dy.get(), on_gpu(stream));
   check(cudaStreamSynchronize(static_cast<cudaStream_t>(stream)), "cudaStreamSynchronize");
   return decode(dy.download(), d);
 }
@@ -686,8 +788,7 @@ TEST_F(CudaOps, NormalizeUnalignedPointersTakeTheScalarPath)
 TEST_F(CudaOps, NormalizeEmptyInputIsANoOp)
 {
   Geometry g{0, 3, 5, Layout::ChannelMajor};
-  EXPECT_NO_THROW(pysbn::cuda::normalize(nullptr, DType::Float32, g, nullptr, nullptr, nullptr, nullptr,
-                                         DType::Float32, nullptr, stream()));
+  EXPECT_NO_THROW(pysbn::normalize(TensorView{nullptr, DType::Float32, g}, nullptr, Affine{}, Act{}, nullptr, exec()));
   sync();
 }
 
@@ -708,12 +809,12 @@ TEST_F(CudaOps, BackwardReduceMatchesFloat64Reference)
           const auto x = random_input(g, d, seed++, 1.0);
           const auto dy = random_input(g, d, seed++, -0.5);
           const NormCase nc = make_norm_case(g.c, pd, seed++);
-          Dev ddy(encode(dy, d), shift), dx(encode(x, d)), dm(f64(nc.mean)), di(f64(nc.invstd));
+          Dev ddy(encode(dy, d), shift), dx(encode(x, d)), dstats(f64(norm_stats(nc, g)));
           Dev dsums = Dev::filled(2 * g.c * sizeof(double), 0xff);
           Dev dgw = Dev::filled(g.c * esize(pd), 0xff), dgb = Dev::filled(g.c * esize(pd), 0xff);
-          pysbn::cuda::backward_reduce(ddy.get(), dx.get(), d, g, dm.as<double>(), di.as<double>(),
-                                       dsums.as<double>(), grads ? dgw.get() : nullptr, grads ? dgb.get() : nullptr,
-                                       pd, stream());
+          pysbn::backward_reduce(TensorView{dx.get(), d, g}, ddy.get(), dstats.as<double>(), Affine{}, Act{},
+                                 dsums.as<double>(),
+                                 AffineGrad{grads ? dgw.get() : nullptr, grads ? dgb.get() : nullptr, pd}, exec());
           sync();
           const auto sums = decode(dsums.download(), DType::Float64);
           const auto gw = decode(dgw.download(), pd);
@@ -750,8 +851,11 @@ TEST_F(CudaOps, BackwardReduceOfEmptyInputIsZero)
     Geometry g{0, 4, 3, Layout::ChannelsLast};
     Dev dsums = Dev::filled(2 * g.c * sizeof(double), 0xff);
     Dev dgw = Dev::filled(g.c * esize(d), 0xff), dgb = Dev::filled(g.c * esize(d), 0xff);
-    pysbn::cuda::backward_reduce(nullptr, nullptr, d, g, nullptr, nullptr, dsums.as<double>(), dgw.get(), dgb.get(),
-                                 d, stream());
+    // grad_weight = sum_dy_xmu * invstd needs the statistics, even with no values.
+    Dev dstats(f64(make_stats(0.0, std::vector<double>(g.c, 0.0), std::vector<double>(g.c, 0.0),
+                              std::vector<double>(g.c, 1.0))));
+    pysbn::backward_reduce(TensorView{nullptr, d, g}, nullptr, dstats.as<double>(), Affine{}, Act{}, dsums.as<double>(),
+                           AffineGrad{dgw.get(), dgb.get(), d}, exec());
     sync();
     for (double v : decode(dsums.download(), DType::Float64)) { EXPECT_EQ(v, 0.0) << name(d); }
     for (double v : decode(dgw.download(), d)) { EXPECT_EQ(v, 0.0) << name(d); }
@@ -781,12 +885,14 @@ TEST_F(CudaOps, BackwardElemtMatchesFloat64Reference)
           std::vector<double> sums = random_vector(g.c, seed++, -0.5 * count, 0.5 * count, DType::Float64);
           const auto s2 = random_vector(g.c, seed++, -0.5 * count, 0.5 * count, DType::Float64);
           sums.insert(sums.end(), s2.begin(), s2.end());
-          Dev ddy(encode(dy, d)), dx(encode(x, d), shift), dm(f64(nc.mean)), di(f64(nc.invstd));
-          Dev dw(encode(nc.weight, pd)), dsums(f64(sums)), dcount(f64({count}));
+          // The global count in the statistics; m2 is not read in eps mode Plus (NaN).
+          Dev ddy(encode(dy, d)), dx(encode(x, d), shift);
+          Dev dstats(f64(make_stats(count, nc.mean, nans(nc.mean.size()), nc.invstd)));
+          Dev dw(encode(nc.weight, pd)), dsums(f64(sums));
           Dev ddx(Bytes(x.size() * esize(d), 0xff), shift);
-          pysbn::cuda::backward_elemt(ddy.get(), dx.get(), d, g, dm.as<double>(), di.as<double>(),
-                                      use_w ? dw.get() : nullptr, pd, dsums.as<double>(), dcount.as<double>(),
-                                      ddx.get(), stream());
+          pysbn::backward_elemt(TensorView{dx.get(), d, g}, ddy.get(), dstats.as<double>(), 1e-5, EpsMode::Plus,
+                                Affine{use_w ? dw.get() : nullptr, nullptr, pd}, Act{}, dsums.as<double>(), ddx.get(),
+                                exec());
           sync();
           const auto got = decode(ddx.download(), d);
           int64_t bad = 0;
@@ -818,21 +924,23 @@ TEST_F(CudaOps, BackwardElemtWithZeroCountWritesZero)
     Geometry g{3, 4, 5, Layout::ChannelMajor};
     const auto x = random_input(g, d, 1), dy = random_input(g, d, 2);
     Dev ddy(encode(dy, d)), dx(encode(x, d));
-    Dev dm(f64(std::vector<double>(g.c, 0.5))), di(f64(std::vector<double>(g.c, 2.0)));
-    Dev dsums(f64(std::vector<double>(2 * g.c, 1.0))), dcount(f64({0.0}));
+    Dev dstats(f64(make_stats(0.0, std::vector<double>(g.c, 0.5), std::vector<double>(g.c, 0.0),
+                              std::vector<double>(g.c, 2.0))));
+    Dev dsums(f64(std::vector<double>(2 * g.c, 1.0)));
     Dev ddx = Dev::filled(x.size() * esize(d), 0xff);
-    pysbn::cuda::backward_elemt(ddy.get(), dx.get(), d, g, dm.as<double>(), di.as<double>(), nullptr, d,
-                                dsums.as<double>(), dcount.as<double>(), ddx.get(), stream());
+    pysbn::backward_elemt(TensorView{dx.get(), d, g}, ddy.get(), dstats.as<double>(), 1e-5, EpsMode::Plus,
+                          Affine{nullptr, nullptr, d}, Act{}, dsums.as<double>(), ddx.get(), exec());
     sync();
     for (double v : decode(ddx.download(), d)) { EXPECT_EQ(v, 0.0) << name(d); }
   }
 }
 
-// ---- agreement with the cpu:: ops ------------------------------------------------------------
+// ---- agreement with the CPU ops --------------------------------------------------------------
 
 TEST_F(CudaOps, AgreesWithCpuOps)
 {
   const int threads = 2;
+  const Exec cpu = on_cpu(threads);
   for (DType d : kTypes) {
     for (Layout lay : kLayouts) {
       Geometry g{4, 6, 50, lay};
@@ -840,12 +948,14 @@ TEST_F(CudaOps, AgreesWithCpuOps)
       const auto x = random_input(g, d, 31, 2.0);
       const auto dy = random_input(g, d, 32);
       const Bytes hx = encode(x, d), hdy = encode(dy, d);
+      const TensorView hxv{hx.data(), d, g};
       const double tol = stat_tol(d);
       const double n_l = static_cast<double>(g.n * g.l);
+      const Affine none{nullptr, nullptr, d};
 
       // moments
       std::vector<double> cs(2 * g.c + 1);
-      pysbn::cpu::moments(hx.data(), d, g, cs.data(), threads);
+      pysbn::moments(hxv, cs.data(), cpu);
       const auto gs = run_moments(x, d, g);
       EXPECT_EQ(gs[0], cs[0]);
       for (int64_t c = 0; c < g.c; ++c) {
@@ -856,9 +966,10 @@ TEST_F(CudaOps, AgreesWithCpuOps)
 
       // sum_ft
       std::vector<double> csum(g.c);
-      pysbn::cpu::sum_ft(hx.data(), d, g, csum.data(), threads);
+      pysbn::sum_ft(hxv, csum.data(), cpu);
       Dev dx(hx), dsum = Dev::filled(g.c * sizeof(double), 0xff);
-      pysbn::cuda::sum_ft(dx.get(), d, g, dsum.as<double>(), stream());
+      const TensorView dxv{dx.get(), d, g};
+      pysbn::sum_ft(dxv, dsum.as<double>(), exec());
       sync();
       const auto gsum = decode(dsum.download(), DType::Float64);
       for (int64_t c = 0; c < g.c; ++c) {
@@ -871,9 +982,9 @@ TEST_F(CudaOps, AgreesWithCpuOps)
       three.push_back(0.0);
       three.insert(three.end(), 2 * g.c, 0.0);
       std::vector<double> cmerged(cs.size());
-      pysbn::cpu::merge_moments(3, g.c, three.data(), cmerged.data());
+      pysbn::merge_moments(3, g.c, three.data(), cmerged.data(), cpu);
       Dev dthree(f64(three)), dmerged = Dev::filled(cs.size() * sizeof(double), 0xff);
-      pysbn::cuda::merge_moments(3, g.c, dthree.as<double>(), dmerged.as<double>(), stream());
+      pysbn::merge_moments(3, g.c, dthree.as<double>(), dmerged.as<double>(), exec());
       sync();
       const auto gmerged = decode(dmerged.download(), DType::Float64);
       for (size_t i = 0; i < cs.size(); ++i) {
@@ -881,59 +992,89 @@ TEST_F(CudaOps, AgreesWithCpuOps)
       }
 
       // finalize, from the CPU record on both sides
-      std::vector<double> cm(g.c), ci(g.c);
-      pysbn::cpu::finalize(g.c, cs.data(), 1e-5, EpsMode::Plus, cm.data(), ci.data(), nullptr, nullptr, d, 0.1);
-      Dev drec(f64(cs)), dm = Dev::filled(g.c * sizeof(double), 0xff), di = Dev::filled(g.c * sizeof(double), 0xff);
-      pysbn::cuda::finalize(g.c, drec.as<double>(), 1e-5, EpsMode::Plus, dm.as<double>(), di.as<double>(), nullptr,
-                            nullptr, d, 0.1, stream());
+      const size_t stats_n = static_cast<size_t>(pysbn::stats_size(g.c));
+      std::vector<double> cst(stats_n);
+      pysbn::finalize(g.c, cs.data(), 1e-5, EpsMode::Plus, cst.data(), RunningStats{}, on_cpu(1));
+      Dev drec(f64(cs)), dst = Dev::filled(stats_n * sizeof(double), 0xff);
+      pysbn::finalize(g.c, drec.as<double>(), 1e-5, EpsMode::Plus, dst.as<double>(), RunningStats{}, exec());
       sync();
-      const auto gmv = decode(dm.download(), DType::Float64), giv = decode(di.download(), DType::Float64);
+      const auto gst = decode(dst.download(), DType::Float64);
+      for (size_t i = 0; i < cs.size(); ++i) { EXPECT_EQ(gst[i], cs[i]) << "finalize record slot " << i; }
       for (int64_t c = 0; c < g.c; ++c) {
-        EXPECT_EQ(gmv[c], cm[c]) << "finalize mean " << c;
-        EXPECT_NEAR(giv[c], ci[c], 1e-14 * ci[c]) << "finalize invstd " << c;
+        EXPECT_EQ(gst[1 + c], cst[1 + c]) << "finalize mean " << c;
+        EXPECT_NEAR(gst[1 + 2 * g.c + c], cst[1 + 2 * g.c + c], 1e-14 * cst[1 + 2 * g.c + c]) << "finalize invstd " << c;
       }
 
-      // normalize with the CPU's mean/invstd
+      // normalize with the CPU's statistics
       Bytes cy(hx.size());
-      pysbn::cpu::normalize(hx.data(), d, g, cm.data(), ci.data(), nullptr, nullptr, d, cy.data(), threads);
-      Dev dmean(f64(cm)), dinv(f64(ci)), dyo = Dev::filled(hx.size(), 0xff);
-      pysbn::cuda::normalize(dx.get(), d, g, dmean.as<double>(), dinv.as<double>(), nullptr, nullptr, d, dyo.get(),
-                             stream());
+      pysbn::normalize(hxv, cst.data(), none, Act{}, cy.data(), cpu);
+      Dev dcst(f64(cst)), dyo = Dev::filled(hx.size(), 0xff);
+      pysbn::normalize(dxv, dcst.as<double>(), none, Act{}, dyo.get(), exec());
       sync();
       const auto cyv = decode(cy, d), gyv = decode(dyo.download(), d);
       for (size_t i = 0; i < cyv.size(); ++i) {
         ASSERT_NEAR(gyv[i], cyv[i], 2 * out_tol(d) * (1.0 + std::fabs(cyv[i]))) << "normalize " << i;
       }
 
-      // backward_reduce and backward_elemt
+      // backward_reduce and backward_elemt (the count is the statistics' own, N*L)
       std::vector<double> csums(2 * g.c);
-      pysbn::cpu::backward_reduce(hdy.data(), hx.data(), d, g, cm.data(), ci.data(), csums.data(), nullptr, nullptr,
-                                  d, threads);
+      pysbn::backward_reduce(hxv, hdy.data(), cst.data(), none, Act{}, csums.data(), AffineGrad{}, cpu);
       Dev ddy(hdy), dsums = Dev::filled(2 * g.c * sizeof(double), 0xff);
-      pysbn::cuda::backward_reduce(ddy.get(), dx.get(), d, g, dmean.as<double>(), dinv.as<double>(),
-                                   dsums.as<double>(), nullptr, nullptr, d, stream());
+      pysbn::backward_reduce(dxv, ddy.get(), dcst.as<double>(), none, Act{}, dsums.as<double>(), AffineGrad{}, exec());
       sync();
       const auto gsv = decode(dsums.download(), DType::Float64);
       for (int64_t c = 0; c < 2 * g.c; ++c) { EXPECT_NEAR(gsv[c], csums[c], tol * 10.0 * n_l) << "sums " << c; }
-      const std::vector<double> count{n_l};
+      EXPECT_EQ(cst[0], n_l);
       Bytes cdx(hx.size());
-      pysbn::cpu::backward_elemt(hdy.data(), hx.data(), d, g, cm.data(), ci.data(), nullptr, d, csums.data(),
-                                 count.data(), cdx.data(), threads);
-      Dev dcsums(f64(csums)), dcount(f64(count)), ddx = Dev::filled(hx.size(), 0xff);
-      pysbn::cuda::backward_elemt(ddy.get(), dx.get(), d, g, dmean.as<double>(), dinv.as<double>(), nullptr, d,
-                                  dcsums.as<double>(), dcount.as<double>(), ddx.get(), stream());
+      pysbn::backward_elemt(hxv, hdy.data(), cst.data(), 1e-5, EpsMode::Plus, none, Act{}, csums.data(), cdx.data(),
+                            cpu);
+      Dev dcsums(f64(csums)), ddx = Dev::filled(hx.size(), 0xff);
+      pysbn::backward_elemt(dxv, ddy.get(), dcst.as<double>(), 1e-5, EpsMode::Plus, none, Act{}, dcsums.as<double>(),
+                            ddx.get(), exec());
       sync();
       const auto cdxv = decode(cdx, d), gdxv = decode(ddx.download(), d);
       for (size_t i = 0; i < cdxv.size(); ++i) {
         ASSERT_NEAR(gdxv[i], cdxv[i], 4 * out_tol(d) * (1.0 + std::fabs(cdxv[i]))) << "backward_elemt " << i;
       }
+
+      // backward_elemt in eps mode Clamp: even channels have a variance below eps (no variance
+      // term), odd ones above it.
+      const double eps = 1e-2;
+      std::vector<double> clamp_st = cst;
+      for (int64_t c = 0; c < g.c; ++c) { clamp_st[1 + g.c + c] = n_l * (c % 2 == 0 ? eps / 2 : 2 * eps); }
+      Bytes cdx2(hx.size());
+      pysbn::backward_elemt(hxv, hdy.data(), clamp_st.data(), eps, EpsMode::Clamp, none, Act{}, csums.data(),
+                            cdx2.data(), cpu);
+      Dev dclamp(f64(clamp_st)), ddx2 = Dev::filled(hx.size(), 0xff);
+      pysbn::backward_elemt(dxv, ddy.get(), dclamp.as<double>(), eps, EpsMode::Clamp, none, Act{},
+                            dcsums.as<double>(), ddx2.get(), exec());
+      sync();
+      const auto cdx2v = decode(cdx2, d), gdx2v = decode(ddx2.download(), d);
+      for (size_t i = 0; i < cdx2v.size(); ++i) {
+        ASSERT_NEAR(gdx2v[i], cdx2v[i], 4 * out_tol(d) * (1.0 + std::fabs(cdx2v[i]))) << "backward_elemt Clamp " << i;
+      }
     }
   }
 }
 
-/// The fused ops are the composed ops in one call: same kernels, so the same bits; the
+/// An int64 counter in device memory.
+Dev device_counter(int64_t v)
+{
+  Bytes h(sizeof v);
+  std::memcpy(h.data(), &v, sizeof v);
+  return Dev(h);
+}
+
+int64_t read_counter(const Dev& c)
+{
+  int64_t v = 0;
+  std::memcpy(&v, c.download().data(), sizeof v);
+  return v;
+}
+
+/// The composites are the composed ops in one call: same kernels, so the same bits; the
 /// running statistics and the counter are updated, the backward uses the local sums.
-TEST_F(CudaOps, FusedOpsAreTheComposedOps)
+TEST_F(CudaOps, CompositesAreTheComposedOps)
 {
   for (DType d : kTypes) {
     for (Layout lay : kLayouts) {
@@ -945,50 +1086,72 @@ TEST_F(CudaOps, FusedOpsAreTheComposedOps)
       const auto w = random_vector(g.c, 43, 0.5, 1.5, pd), b = random_vector(g.c, 44, -1.0, 1.0, pd);
       const auto rm0 = random_vector(g.c, 45, -1.0, 1.0, pd), rv0 = random_vector(g.c, 46, 0.5, 2.0, pd);
       Dev dx(encode(x, d)), ddy(encode(dy, d)), dw(encode(w, pd)), db(encode(b, pd));
-      const size_t rec = (2 * g.c + 1) * sizeof(double), per = g.c * sizeof(double);
+      const TensorView xv{dx.get(), d, g};
+      const Affine affine{dw.get(), db.get(), pd};
+      const size_t rec = (2 * g.c + 1) * sizeof(double), stn = (3 * g.c + 1) * sizeof(double);
+      const size_t per = g.c * sizeof(double);
       const size_t bytes = encode(x, d).size();
 
       // composed
-      Dev st_c = Dev::filled(rec, 0xff), m_c = Dev::filled(per, 0xff), i_c = Dev::filled(per, 0xff);
+      Dev rec_c = Dev::filled(rec, 0xff), st_c = Dev::filled(stn, 0xff);
       Dev y_c = Dev::filled(bytes, 0xff), rm_c(encode(rm0, pd)), rv_c(encode(rv0, pd));
-      pysbn::cuda::moments(dx.get(), d, g, st_c.as<double>(), stream());
-      pysbn::cuda::finalize(g.c, st_c.as<double>(), 1e-3, EpsMode::Plus, m_c.as<double>(), i_c.as<double>(),
-                            rm_c.get(), rv_c.get(), pd, 0.25, stream());
-      pysbn::cuda::normalize(dx.get(), d, g, m_c.as<double>(), i_c.as<double>(), dw.get(), db.get(), pd, y_c.get(),
-                             stream());
-      // fused
-      Dev st_f = Dev::filled(rec, 0xff), m_f = Dev::filled(per, 0xff), i_f = Dev::filled(per, 0xff);
+      Dev counter_c = device_counter(41);
+      pysbn::moments(xv, rec_c.as<double>(), exec());
+      pysbn::finalize(g.c, rec_c.as<double>(), 1e-3, EpsMode::Plus, st_c.as<double>(),
+                      RunningStats{rm_c.get(), rv_c.get(), pd, 0.25, false, counter_c.as<int64_t>()}, exec());
+      pysbn::normalize(xv, st_c.as<double>(), affine, Act{}, y_c.get(), exec());
+      // batch_norm_forward, x's own moments
+      Dev st_f = Dev::filled(stn, 0xff);
       Dev y_f = Dev::filled(bytes, 0xff), rm_f(encode(rm0, pd)), rv_f(encode(rv0, pd));
-      const int64_t start = 41;
-      Bytes hc(sizeof start);
-      std::memcpy(hc.data(), &start, sizeof start);
-      Dev counter(hc);
-      pysbn::cuda::fused_forward(dx.get(), d, g, dw.get(), db.get(), pd, 1e-3, EpsMode::Plus, st_f.as<double>(),
-                                 m_f.as<double>(), i_f.as<double>(), rm_f.get(), rv_f.get(), pd, 0.25,
-                                 counter.as<int64_t>(), y_f.get(), stream());
+      Dev counter = device_counter(41);
+      pysbn::batch_norm_forward(xv, nullptr, 1e-3, EpsMode::Plus, affine, Act{}, st_f.as<double>(), y_f.get(),
+                                RunningStats{rm_f.get(), rv_f.get(), pd, 0.25, false, counter.as<int64_t>()}, exec());
       sync();
       EXPECT_EQ(st_f.download(), st_c.download()) << "stats";
-      EXPECT_EQ(m_f.download(), m_c.download()) << "mean";
-      EXPECT_EQ(i_f.download(), i_c.download()) << "invstd";
       EXPECT_EQ(y_f.download(), y_c.download()) << "y";
       EXPECT_EQ(rm_f.download(), rm_c.download()) << "running_mean";
       EXPECT_EQ(rv_f.download(), rv_c.download()) << "running_var";
-      int64_t after = 0;
-      const Bytes hafter = counter.download();
-      std::memcpy(&after, hafter.data(), sizeof after);
-      EXPECT_EQ(after, start + 1) << "num_batches_tracked";
+      EXPECT_EQ(read_counter(counter), 42) << "num_batches_tracked";
+      EXPECT_EQ(read_counter(counter_c), 42) << "num_batches_tracked (composed)";
 
-      // backward: composed with the local count (the record's count slot) vs fused
-      Dev s_c = Dev::filled(2 * per, 0xff), gw_c = Dev::filled(per, 0xff), gb_c = Dev::filled(per, 0xff);
+      // batch_norm_forward with a global record (not x's moments), the cumulative average, Clamp
+      std::vector<double> grec{1000.0};
+      for (double m : random_vector(g.c, 47, -1.0, 4.0, DType::Float64)) { grec.push_back(m); }
+      for (double v : random_vector(g.c, 48, 0.0, 2e-3, DType::Float64)) { grec.push_back(1000.0 * v); }
+      Dev drec(f64(grec));
+      Dev st_gc = Dev::filled(stn, 0xff), y_gc = Dev::filled(bytes, 0xff), rm_gc(encode(rm0, pd)), rv_gc(encode(rv0, pd));
+      Dev counter_gc = device_counter(6);
+      pysbn::finalize(g.c, drec.as<double>(), 1e-3, EpsMode::Clamp, st_gc.as<double>(),
+                      RunningStats{rm_gc.get(), rv_gc.get(), pd, 0.1, true, counter_gc.as<int64_t>()}, exec());
+      pysbn::normalize(xv, st_gc.as<double>(), affine, Act{}, y_gc.get(), exec());
+      Dev st_gf = Dev::filled(stn, 0xff), y_gf = Dev::filled(bytes, 0xff), rm_gf(encode(rm0, pd)), rv_gf(encode(rv0, pd));
+      Dev counter_gf = device_counter(6);
+      pysbn::batch_norm_forward(xv, drec.as<double>(), 1e-3, EpsMode::Clamp, affine, Act{}, st_gf.as<double>(),
+                                y_gf.get(),
+                                RunningStats{rm_gf.get(), rv_gf.get(), pd, 0.1, true, counter_gf.as<int64_t>()}, exec());
+      sync();
+      EXPECT_EQ(drec.download(), f64(grec)) << "record (an input)";
+      const auto gst = decode(st_gf.download(), DType::Float64);
+      for (size_t i = 0; i < grec.size(); ++i) { EXPECT_EQ(gst[i], grec[i]) << "stats: record slot " << i; }
+      EXPECT_EQ(st_gf.download(), st_gc.download()) << "stats (record)";
+      EXPECT_EQ(y_gf.download(), y_gc.download()) << "y (record)";
+      EXPECT_EQ(rm_gf.download(), rm_gc.download()) << "running_mean (record)";
+      EXPECT_EQ(rv_gf.download(), rv_gc.download()) << "running_var (record)";
+      EXPECT_EQ(read_counter(counter_gf), 7) << "num_batches_tracked (record)";
+      EXPECT_EQ(read_counter(counter_gc), 7) << "num_batches_tracked (record, composed)";
+
+      // backward: composed with the statistics of x (their count is the local N*L) vs batch_norm_backward
+      const Affine wonly{dw.get(), nullptr, pd};
+      Dev s_c = Dev::filled(2 * per, 0xff), gw_c = Dev::filled(g.c * esize(pd), 0xff), gb_c = Dev::filled(g.c * esize(pd), 0xff);
       Dev dx_c = Dev::filled(bytes, 0xff);
-      pysbn::cuda::backward_reduce(ddy.get(), dx.get(), d, g, m_c.as<double>(), i_c.as<double>(), s_c.as<double>(),
-                                   gw_c.get(), gb_c.get(), pd, stream());
-      pysbn::cuda::backward_elemt(ddy.get(), dx.get(), d, g, m_c.as<double>(), i_c.as<double>(), dw.get(), pd,
-                                  s_c.as<double>(), st_c.as<double>(), dx_c.get(), stream());
-      Dev s_f = Dev::filled(2 * per, 0xff), gw_f = Dev::filled(per, 0xff), gb_f = Dev::filled(per, 0xff);
+      pysbn::backward_reduce(xv, ddy.get(), st_c.as<double>(), wonly, Act{}, s_c.as<double>(),
+                             AffineGrad{gw_c.get(), gb_c.get(), pd}, exec());
+      pysbn::backward_elemt(xv, ddy.get(), st_c.as<double>(), 1e-3, EpsMode::Plus, wonly, Act{}, s_c.as<double>(),
+                            dx_c.get(), exec());
+      Dev s_f = Dev::filled(2 * per, 0xff), gw_f = Dev::filled(g.c * esize(pd), 0xff), gb_f = Dev::filled(g.c * esize(pd), 0xff);
       Dev dx_f = Dev::filled(bytes, 0xff);
-      pysbn::cuda::fused_backward(ddy.get(), dx.get(), d, g, m_c.as<double>(), i_c.as<double>(), dw.get(), pd,
-                                  st_c.as<double>(), s_f.as<double>(), gw_f.get(), gb_f.get(), dx_f.get(), stream());
+      pysbn::batch_norm_backward(xv, ddy.get(), st_c.as<double>(), 1e-3, EpsMode::Plus, wonly, Act{}, s_f.as<double>(),
+                                 AffineGrad{gw_f.get(), gb_f.get(), pd}, dx_f.get(), exec());
       sync();
       EXPECT_EQ(s_f.download(), s_c.download()) << "sums";
       EXPECT_EQ(gw_f.download(), gw_c.download()) << "grad_weight";
@@ -1003,33 +1166,42 @@ TEST_F(CudaOps, FusedOpsAreTheComposedOps)
 TEST(CudaOpsValidation, BadArgumentsThrowInvalidArgument)
 {
   if (!pysbn::built_with_cuda()) { GTEST_SKIP() << "built without CUDA"; }
+  const Exec gpu{Device::CUDA, 1, nullptr};
   Geometry g{2, 3, 4, Layout::ChannelMajor};
   float xf[64] = {};
   double st[64] = {};
-  EXPECT_THROW(pysbn::cuda::moments(nullptr, DType::Float32, g, st, nullptr), std::invalid_argument);
-  EXPECT_THROW(pysbn::cuda::moments(xf, DType::Float32, g, nullptr, nullptr), std::invalid_argument);
-  EXPECT_THROW(pysbn::cuda::moments(xf, static_cast<DType>(9), g, st, nullptr), std::invalid_argument);
+  int64_t counter = 0;
+  const TensorView xv{xf, DType::Float32, g};
+  EXPECT_THROW(pysbn::moments(TensorView{nullptr, DType::Float32, g}, st, gpu), std::invalid_argument);
+  EXPECT_THROW(pysbn::moments(xv, nullptr, gpu), std::invalid_argument);
+  EXPECT_THROW(pysbn::moments(TensorView{xf, static_cast<DType>(9), g}, st, gpu), std::invalid_argument);
   Geometry neg{-1, 3, 4, Layout::ChannelMajor};
-  EXPECT_THROW(pysbn::cuda::sum_ft(xf, DType::Float32, neg, st, nullptr), std::invalid_argument);
-  EXPECT_THROW(pysbn::cuda::normalize(xf, DType::Float32, g, st, st, nullptr, nullptr, DType::Float16, xf, nullptr),
+  EXPECT_THROW(pysbn::sum_ft(TensorView{xf, DType::Float32, neg}, st, gpu), std::invalid_argument);
+  EXPECT_THROW(pysbn::normalize(xv, st, Affine{st, nullptr, DType::Float16}, pysbn::Act{}, xf, gpu),
                std::invalid_argument);
-  EXPECT_THROW(pysbn::cuda::backward_reduce(xf, xf, DType::Float16, g, st, st, st, nullptr, nullptr, DType::BFloat16,
-                                            nullptr),
+  EXPECT_THROW(pysbn::backward_reduce(TensorView{xf, DType::Float16, g}, xf, st, Affine{}, Act{}, st,
+                                      AffineGrad{st, nullptr, DType::BFloat16}, gpu),
                std::invalid_argument);
-  EXPECT_THROW(pysbn::cuda::backward_elemt(xf, xf, DType::Float32, g, st, st, nullptr, DType::Float32, st, nullptr,
-                                           xf, nullptr),
+  EXPECT_THROW(pysbn::backward_elemt(xv, xf, nullptr, 1e-5, EpsMode::Plus, Affine{}, Act{}, st, xf, gpu),
                std::invalid_argument);
-  EXPECT_THROW(pysbn::cuda::merge_moments(-1, 3, st, st, nullptr), std::invalid_argument);
-  EXPECT_THROW(pysbn::cuda::merge_moments(2, 3, nullptr, st, nullptr), std::invalid_argument);
-  EXPECT_THROW(pysbn::cuda::finalize(3, st, 1e-5, EpsMode::Plus, st, st, xf, nullptr, DType::Float32, 0.1, nullptr),
+  EXPECT_THROW(pysbn::merge_moments(-1, 3, st, st + 32, gpu), std::invalid_argument);
+  EXPECT_THROW(pysbn::merge_moments(0, 3, st, st + 32, gpu), std::invalid_argument);
+  EXPECT_THROW(pysbn::merge_moments(2, 3, nullptr, st, gpu), std::invalid_argument);
+  EXPECT_THROW(pysbn::finalize(3, st, 1e-5, EpsMode::Plus, st, RunningStats{xf, nullptr, DType::Float32}, gpu),
                std::invalid_argument);
-  EXPECT_THROW(pysbn::cuda::finalize(3, st, -1.0, EpsMode::Plus, st, st, nullptr, nullptr, DType::Float32, 0.1, nullptr),
+  EXPECT_THROW(pysbn::finalize(3, st, -1.0, EpsMode::Plus, st, RunningStats{}, gpu), std::invalid_argument);
+  EXPECT_THROW(pysbn::finalize(3, st, 1e-5, static_cast<EpsMode>(5), st, RunningStats{}, gpu), std::invalid_argument);
+  EXPECT_THROW(pysbn::finalize(3, st, 1e-5, EpsMode::Plus, st,
+                               RunningStats{xf, xf + 8, DType::Float32, 0.1, true, nullptr}, gpu),
                std::invalid_argument);
-  EXPECT_THROW(pysbn::cuda::finalize(3, st, 1e-5, static_cast<EpsMode>(5), st, st, nullptr, nullptr, DType::Float32,
-                                     0.1, nullptr),
+  EXPECT_THROW(pysbn::batch_norm_forward(xv, st, 1e-5, EpsMode::Plus, Affine{}, Act{}, st, xf,
+                                         RunningStats{nullptr, nullptr, DType::Float32, 0.1, false, &counter}, gpu),
                std::invalid_argument);
+  EXPECT_THROW(pysbn::normalize(xv, st, Affine{}, Act{static_cast<pysbn::Activation>(99)}, xf, gpu),
+               std::invalid_argument);
+  EXPECT_EQ(counter, 0);
   try {
-    pysbn::cuda::moments(nullptr, DType::Float32, g, st, nullptr);
+    pysbn::moments(TensorView{nullptr, DType::Float32, g}, st, gpu);
     FAIL() << "expected std::invalid_argument";
   } catch (const std::invalid_argument& e) {
     EXPECT_NE(std::string(e.what()).find("moments: x"), std::string::npos) << e.what();
