@@ -124,7 +124,11 @@ class _SynchronizedBatchNorm(_BatchNorm):
     def _check_tensors(self, x: torch.Tensor) -> None:
         # The common case costs a few attribute reads: this runs at every call, and small
         # layers are bound by per-call overhead. Anything unusual goes to _explain_tensors,
-        # which raises the error that names the problem.
+        # which raises the error that names the problem. (torch.jit.trace: sizes are traced
+        # values there, so their comparisons would be baked into the trace with a warning;
+        # torch's own op checks the shapes.)
+        if torch.jit.is_tracing():
+            return
         if type(x) is torch.Tensor and x.layout is torch.strided \
                 and x.dim() in self._expected_dims and x.dtype in _FLOATS:
             c, dev, xdt = self.num_features, x.device, x.dtype
@@ -249,6 +253,8 @@ class _SynchronizedBatchNorm(_BatchNorm):
         return self._sbn_forward(input, _IDENTITY)
 
     def _sbn_forward(self, x: torch.Tensor, act) -> torch.Tensor:
+        if isinstance(x, torch.fx.Proxy):
+            return _fx_leaf(self, x)
         replica = self._sbn_replica if self.training else None
         if replica is None:
             return self._forward(x, act)
@@ -353,6 +359,14 @@ def _sbn_init(module: nn.Module, process_group, name: Optional[str]) -> None:
     module._sbn_replica = None
     module._sbn_origin = None  # the class convert_model replaced (revert_model restores it)
     module._sbn_identity = LayerIdentity(name or f"{type(module).__name__}#{next(_ORDINAL)}")
+
+
+def _fx_leaf(layer: nn.Module, x: "torch.fx.Proxy") -> "torch.fx.Proxy":
+    """torch.fx symbolic tracing (torchvision's feature extraction, timm's FX features...): the
+    layer is one call_module node, as torch's own batch norms are, so the traced module still
+    runs the synchronized layer (not a plain batch norm in its place)."""
+    tracer = x.tracer
+    return tracer.create_proxy("call_module", tracer.path_of_module(layer), (x,), {})
 
 
 @torch.compiler.disable
@@ -560,6 +574,8 @@ class SynchronizedBatchNormAct2d(SynchronizedBatchNorm2d):
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         """``act(drop(batch_norm(input)))`` (see the class notes); arguments, results and errors
         as :meth:`SynchronizedBatchNorm2d.forward`."""
+        if isinstance(input, torch.fx.Proxy):
+            return _fx_leaf(self, input)
         fused = _fused_act(self.act) if type(self.drop) is nn.Identity else None
         if fused is not None:
             if self.training:

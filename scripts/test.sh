@@ -11,7 +11,7 @@ JOBS=${PYSBN_JOBS:-2}
 echo "== dependencies"
 # torch first, pinned: a bare `torch` would pull several GB of CUDA wheels.
 $PY -m pip install -q torch==2.13.0
-$PY -m pip install -q cython scikit-build-core ninja numpy pytest hypothesis
+$PY -m pip install -q cython scikit-build-core ninja numpy pytest hypothesis mypy onnx onnxscript
 if ! { [ -f /usr/include/gtest/gtest.h ] && ls /usr/lib/*/libgtest.a >/dev/null 2>&1; }; then
   SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
   $SUDO apt-get update -qq && $SUDO apt-get install -y -qq libgtest-dev

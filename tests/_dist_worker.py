@@ -503,6 +503,216 @@ def case_ddp_w4() -> None:
     check_ddp([2, 3, 1, 2], steps=3)
 
 
+# ---- torch.compile ------------------------------------------------------------------------------------
+
+def _counting_backend(counts: Dict[str, int]):
+    """An AOT backend (eager kernels) that counts the collectives of the forward and backward
+    graphs it is given: what a compiled step communicates."""
+    from torch._dynamo.backends.common import aot_autograd
+
+    def compiler(kind):
+        def fn(gm, example_inputs):
+            for node in gm.graph.nodes:
+                name = str(node.target)
+                if "_c10d_functional" in name and "wait" not in name:
+                    key = f"{kind}:{name.split('.')[1] if '.' in name else name}"
+                    counts[key] = counts.get(key, 0) + 1
+            return gm
+        return fn
+
+    return aot_autograd(fw_compiler=compiler("fwd"), bw_compiler=compiler("bwd"))
+
+
+def _small_net(channels: int = 4) -> nn.Module:
+    return nn.Sequential(nn.Conv2d(3, channels, 3, padding=1, bias=False),
+                         nn.BatchNorm2d(channels), nn.ReLU(),
+                         nn.Conv2d(channels, channels, 3, padding=1, bias=False),
+                         nn.BatchNorm2d(channels, momentum=None), nn.ReLU(), nn.Flatten(),
+                         nn.BatchNorm1d(channels * 16))
+
+
+def check_compiled(label: str, wrap: str, backend, shares: Sequence[int], steps: int = 2,
+                   memory_format: str = "contiguous", counts: Optional[Dict[str, int]] = None
+                   ) -> None:
+    """A compiled synchronised training step (fullgraph for the plain model) against the same
+    net with nn.BatchNorm in float64 on the whole batch, step by step: outputs, input and
+    parameter gradients (summed over the ranks), running statistics, num_batches_tracked.
+    wrap: "compile" = compile(model, fullgraph=True), "compile(ddp)", "ddp(compile)"."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    ck = Checks(f"{label} (rank {RANK}, shares {list(shares)})")
+    offs = _offsets(shares)
+    lo, hi = offs[RANK], offs[RANK + 1]
+    n = offs[-1]
+    torch.manual_seed(77)
+    ref = _small_net().double()
+    model = pysbn.convert_model(copy.deepcopy(ref)).float()
+    if wrap == "compile":
+        run = torch.compile(model, backend=backend, fullgraph=True)
+    elif wrap == "compile(ddp)":
+        run = torch.compile(DDP(model), backend=backend)
+    else:
+        run = DDP(torch.compile(model, backend=backend))
+    gen = torch.Generator().manual_seed(5)
+    for step in range(steps):
+        xg = torch.randn((n, 3, 4, 4), generator=gen, dtype=torch.float64) * 2 + 1
+        dyg = torch.randn((n, 4 * 16), generator=gen, dtype=torch.float64)
+        x = _fmt(xg[lo:hi].float(), memory_format).requires_grad_()
+        model.zero_grad(set_to_none=True)
+        y = run(x)
+        y.backward(dyg[lo:hi].float())
+        ref.zero_grad(set_to_none=True)
+        xr = xg.clone().requires_grad_()
+        yr = ref(xr)
+        yr.backward(dyg)
+        ck.close(f"step {step} output", y, yr[lo:hi], 2e-4)
+        ck.close(f"step {step} grad input", x.grad, xr.grad[lo:hi], 2e-4)
+        got = dict(model.named_parameters())
+        for name, p in ref.named_parameters():
+            g = got[name].grad.detach().clone()
+            if wrap == "compile":  # DDP averages the gradients itself
+                dist.all_reduce(g)
+            else:
+                g = g * WORLD
+            ck.close(f"step {step} grad {name} (summed)", g, p.grad, 2e-4)
+        got_b = dict(model.named_buffers())
+        for name, b in ref.named_buffers():
+            if b.dtype.is_floating_point:
+                ck.close(f"step {step} buffer {name}", got_b[name], b, 2e-4)
+            else:
+                ck.true(int(got_b[name]) == int(b), f"step {step} {name}: {int(got_b[name])} "
+                        f"!= {int(b)}")
+    if counts is not None:
+        layers = 3
+        ck.true(counts.get("fwd:all_gather_into_tensor", 0) == layers
+                and counts.get("bwd:all_reduce", 0) == layers
+                and sum(counts.values()) == 2 * layers,
+                f"collectives in the compiled graphs: {counts} (want one all_gather per layer "
+                f"forward, one all_reduce per layer backward)")
+    ck.done()
+
+
+def case_compile_w2() -> None:
+    counts: Dict[str, int] = {}
+    check_compiled("compile fullgraph, counted collectives", "compile", _counting_backend(counts),
+                   [3, 5], counts=counts)
+    torch._dynamo.reset()
+    check_compiled("compile fullgraph, inductor", "compile", "inductor", [2, 6])
+    torch._dynamo.reset()
+    check_compiled("compile fullgraph, inductor, channels_last", "compile", "inductor", [4, 4],
+                   memory_format="channels_last", steps=1)
+
+
+def case_compile_ddp_w2() -> None:
+    check_compiled("compile(DDP(model))", "compile(ddp)", "inductor", [3, 5])
+    torch._dynamo.reset()
+    check_compiled("DDP(compile(model))", "ddp(compile)", "inductor", [5, 3])
+
+
+def case_compile_mismatch_w2() -> None:
+    """Compiled: rank 0 calls layer a, rank 1 layer b (same channels): both ranks raise a
+    RuntimeError naming the layer (the header checked in the graph), nobody aborts."""
+    ck = Checks(f"compiled layer mismatch (rank {RANK})")
+    a = pysbn.SynchronizedBatchNorm2d(3)
+    b = pysbn.SynchronizedBatchNorm2d(3)
+    a._sbn_set_name("block.a")
+    b._sbn_set_name("block.b")
+    layer = a if RANK == 0 else b
+    fn = torch.compile(layer, backend="inductor", fullgraph=True)
+    err = _expect(RuntimeError, "not at the same layer call", lambda: fn(torch.randn(2, 3, 4, 4)))
+    ck.true(err is None, str(err))
+    name = "block.a" if RANK == 0 else "block.b"
+    err = _expect(RuntimeError, f"'{name}'", lambda: fn(torch.randn(2, 3, 4, 4)))
+    ck.true(err is None, f"the error does not name the layer: {err}")
+    ck.done()
+
+
+# ---- ranks at different layers --------------------------------------------------------------------
+
+def _named(name: str, channels: int = 3) -> nn.Module:
+    layer = pysbn.SynchronizedBatchNorm2d(channels)
+    layer._sbn_set_name(name)
+    return layer
+
+
+def case_identity_w2() -> None:
+    """Stochastic depth gone wrong: rank 0 calls layer 'stage.a', rank 1 'stage.b' (same
+    channels). Every rank raises a RuntimeError naming both layers; the running stats stay;
+    the group stays usable. Also in backward (the forward calls matched, the backward calls
+    of different layers meet): RuntimeError naming the layer, on every rank."""
+    ck = Checks(f"layer identity (rank {RANK})")
+    a, b = _named("stage.a"), _named("stage.b")
+    mine = a if RANK == 0 else b
+    x = torch.randn(2, 3, 4, 4)
+    err = _expect(RuntimeError, "'stage.a' (3 channels, float32, call 1); rank 1: 'stage.b'",
+                  lambda: mine(x))
+    ck.true(err is None, f"forward: {err}")
+    ck.true(int(mine.num_batches_tracked) == 0 and bool((mine.running_mean == 0).all()),
+            "a failed step changed the layer's state")
+    _named("stage.c")(x)  # the group still works
+    # backward: both ranks ran forward of c then d; rank 1 runs backward of d first
+    c, d = _named("stage.c2"), _named("stage.d2")
+    xc = x.clone().requires_grad_()
+    yc = c(xc)
+    yd = d(xc)
+    first = yc if RANK == 0 else yd
+    err = _expect(RuntimeError, "not at the same layer call in backward",
+                  lambda: first.backward(torch.randn_like(first)))
+    ck.true(err is None, f"backward: {err}")
+    ck.done()
+
+
+def case_check_mode_w2() -> None:
+    """Layers of different channel counts on the two ranks, with pysbn.set_sync_check(True):
+    the header is gathered first, so every rank raises a RuntimeError naming the layers
+    instead of a collective of mismatched sizes (which Gloo answers by aborting)."""
+    ck = Checks(f"check mode (rank {RANK})")
+    pysbn.set_sync_check(True)
+    try:
+        a, b = _named("head.bn", 3), _named("head.bn_wide", 5)  # one model on every rank
+        mine = a if RANK == 0 else b
+        err = _expect(RuntimeError, "rank 0: 'head.bn' (3 channels, float32, call 1); rank 1: "
+                      "'head.bn_wide' (5 channels, float32, call 1)",
+                      lambda: mine(torch.randn(2, mine.num_features, 2, 2)))
+        ck.true(err is None, str(err))
+        ck.true(int(mine.num_batches_tracked) == 0, "a failed step changed the layer's state")
+        _named("head.same", 4)(torch.randn(2, 4, 2, 2))  # matching calls work in check mode
+    finally:
+        pysbn.set_sync_check(False)
+    ck.done()
+
+
+def case_sizes_detail_w2() -> None:
+    """Run with TORCH_DISTRIBUTED_DEBUG=DETAIL: layers of different channel counts meet;
+    torch's collective checker rejects the all-gather and every rank raises a RuntimeError that
+    names its layer (no abort)."""
+    ck = Checks(f"DETAIL (rank {RANK})")
+    mine = _named("neck.bn", 3) if RANK == 0 else _named("neck.bn_wide", 6)
+    name = "neck.bn" if RANK == 0 else "neck.bn_wide"
+    err = _expect(RuntimeError, f"layer '{name}'", lambda: mine(torch.randn(2, mine.num_features,
+                                                                           2, 2)))
+    ck.true(err is None, str(err))
+    ck.done()
+
+
+def case_stops_calling_w2() -> None:
+    """Rank 1 stops calling a layer (run with a short process-group timeout): rank 0's call
+    fails after the timeout with a RuntimeError that names the layer. Last case of its group
+    (the group is not usable after a timed-out collective)."""
+    import time
+
+    ck = Checks(f"stops calling (rank {RANK})")
+    layer = _named("tail.bn")
+    layer(torch.randn(2, 3, 2, 2))
+    if RANK == 0:
+        err = _expect(RuntimeError, "SynchronizedBatchNorm layer 'tail.bn': the forward "
+                      "collective call 2 failed", lambda: layer(torch.randn(2, 3, 2, 2)))
+        ck.true(err is None, str(err))
+    else:
+        time.sleep(float(os.environ.get("PYSBN_TEST_PG_TIMEOUT", "5")) + 3)
+    ck.done()
+
+
 def case_layers_cuda_w2() -> None:
     """The layers of case_layers_w2 that matter on a GPU (run with PYSBN_TEST_DEVICE=cuda):
     both memory formats, float32/float64, an empty rank."""
@@ -524,6 +734,7 @@ CASES = {name[5:]: fn for name, fn in globals().items() if name.startswith("case
 def main(argv: Sequence[str]) -> int:
     global RANK, WORLD, DEVICE
     rank, world, store, out_dir, timeout = argv[:5]
+    os.environ["PYSBN_TEST_PG_TIMEOUT"] = timeout
     cases = list(argv[5:])
     RANK, WORLD = int(rank), int(world)
     torch.set_num_threads(1)

@@ -87,10 +87,11 @@ def randomize(bn):
             bn.running_var.uniform_(0.8, 1.2)
 
 
-def run_group(world, cases, folder, join_timeout, env=None, log_tail=3000):
+def run_group(world, cases, folder, join_timeout, env=None, log_tail=3000, pg_timeout=None):
     """Runs ``_dist_worker.py`` as ``world`` ranks (one subprocess each, rendezvous through a
     file in ``folder``) on the named ``cases``; waits at most ``join_timeout`` seconds for the
-    whole group, then kills what is left. Returns ``{"timed_out": bool, "ranks": {rank: {"rc",
+    whole group, then kills what is left (``pg_timeout``: the process group's timeout, default
+    PG_TIMEOUT_S). Returns ``{"timed_out": bool, "ranks": {rank: {"rc",
     "results", "log"}}}`` with each rank's JSON results and the tail of its log."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -100,7 +101,7 @@ def run_group(world, cases, folder, join_timeout, env=None, log_tail=3000):
         log = open(folder / f"rank{rank}.log", "w")
         procs.append((subprocess.Popen(
             [sys.executable, str(DIST_WORKER), str(rank), str(world), str(folder / "store"),
-             str(folder), str(PG_TIMEOUT_S), *cases],
+             str(folder), str(pg_timeout or PG_TIMEOUT_S), *cases],
             cwd=folder, env=env, stdout=log, stderr=subprocess.STDOUT), log))
     deadline = time.monotonic() + join_timeout
     timed_out = False

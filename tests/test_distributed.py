@@ -11,9 +11,12 @@ Every rank checks its share against one ``nn.BatchNorm`` (float64) over the glob
 outputs, input gradients under random upstream gradients, weight/bias gradients summed over
 the group, running statistics, one collective per direction; 1d/2d/3d, contiguous and
 channels_last, uneven shares with an empty rank, sub-groups, float32 at offset 1e4, the global
-"more than 1 value per channel" error on every rank, the header check's RuntimeError when the
-ranks are at different calls of a layer, and a small ResNet-like net under
-DistributedDataParallel against the plain-BN net trained on the whole batch in one process.
+"more than 1 value per channel" error on every rank, the header check's RuntimeError naming the
+layers when the ranks are at different calls or layers (eager and compiled, forward and
+backward; different channel counts in check mode and under TORCH_DISTRIBUTED_DEBUG=DETAIL; a
+rank that stops calling a layer), a small ResNet-like net under DistributedDataParallel against
+the plain-BN net trained on the whole batch in one process, and compiled training steps
+(fullgraph, compile(DDP), DDP(compile)) with their collectives counted in the graphs.
 """
 
 from __future__ import annotations
@@ -26,45 +29,51 @@ import pytest
 
 from _support import case_problems, run_group
 
-JOIN_TIMEOUT_S = 150  # the whole group; then every rank is killed
+JOIN_TIMEOUT_S = 240  # the whole group; then every rank is killed
 
+# group name: (world size, cases, extra environment, process-group timeout in s or None)
 SUITES = {
-    2: ["layers_w2", "offset_w2", "too_few_w2", "mismatch_w2", "ddp_w2"],
-    3: ["empty_rank_w3", "too_few_w3", "subgroup_w3"],
-    4: ["layers_w4", "subgroups_w4", "ddp_w4"],
+    "2procs": (2, ["layers_w2", "offset_w2", "too_few_w2", "mismatch_w2", "ddp_w2",
+                   "identity_w2", "check_mode_w2", "compile_w2", "compile_ddp_w2",
+                   "compile_mismatch_w2"], {}, None),
+    "2procs-detail": (2, ["sizes_detail_w2"], {"TORCH_DISTRIBUTED_DEBUG": "DETAIL"}, None),
+    "2procs-timeout": (2, ["stops_calling_w2"], {}, 5),
+    "3procs": (3, ["empty_rank_w3", "too_few_w3", "subgroup_w3"], {}, None),
+    "4procs": (4, ["layers_w4", "subgroups_w4", "ddp_w4"], {}, None),
 }
 
 
 @pytest.fixture(scope="module")
 def groups(tmp_path_factory):
-    """Runs each world size's group once per module, lazily (a -k selection starts only the
-    groups it needs)."""
+    """Runs each group once per module, lazily (a -k selection starts only the groups it
+    needs)."""
     cache = {}
 
-    def get(world: int) -> dict:
-        if world not in cache:
-            cache[world] = run_group(world, SUITES[world],
-                                     tmp_path_factory.mktemp(f"gloo{world}"), JOIN_TIMEOUT_S)
-        return cache[world]
+    def get(name: str) -> dict:
+        if name not in cache:
+            world, cases, env, pg_timeout = SUITES[name]
+            cache[name] = run_group(world, cases, tmp_path_factory.mktemp(name), JOIN_TIMEOUT_S,
+                                    env=env, pg_timeout=pg_timeout)
+        return cache[name]
 
     return get
 
 
-@pytest.mark.parametrize("world,case", [(w, c) for w, cs in SUITES.items() for c in cs],
-                         ids=[f"{w}procs-{c}" for w, cs in SUITES.items() for c in cs])
-def test_distributed(groups, world, case):
-    g = groups(world)
+@pytest.mark.parametrize("group,case", [(g, c) for g, s in SUITES.items() for c in s[1]],
+                         ids=[f"{g}-{c}" for g, s in SUITES.items() for c in s[1]])
+def test_distributed(groups, group, case):
+    g = groups(group)
     problems = case_problems(g, case)
-    assert not problems, f"{world} processes, case {case}:\n" + "\n".join(problems)
+    assert not problems, f"{group}, case {case}:\n" + "\n".join(problems)
 
 
 def test_all_ranks_exit_cleanly(groups):
     """Every rank of every group ran all its cases and exited with 0 within the deadline."""
-    for world in SUITES:
-        g = groups(world)
-        assert not g["timed_out"], f"{world} processes: timed out after {JOIN_TIMEOUT_S} s"
+    for name in SUITES:
+        g = groups(name)
+        assert not g["timed_out"], f"{name}: timed out after {JOIN_TIMEOUT_S} s"
         for rank, r in g["ranks"].items():
-            assert r["rc"] == 0, f"{world} processes, rank {rank}: exit {r['rc']}\n{r['log']}"
+            assert r["rc"] == 0, f"{name}, rank {rank}: exit {r['rc']}\n{r['log']}"
 
 
 def test_demo_main_job(tmp_path):
