@@ -122,6 +122,42 @@ class BatchNormFunction(torch.autograd.Function):
         ctx.eps, ctx.eps_mode, ctx.act, ctx.sync = eps, eps_mode, (act, slope), sync
 
     @staticmethod
+    def vmap(info, in_dims, x, weight, bias, running_mean, running_var, num_batches_tracked,
+             momentum, eps, eps_mode, act, negative_slope, sync):
+        """torch.func.vmap: each batch entry is its own batch norm, so the vmapped dim folds into
+        the channels ((B, N, C, ...) -> (N, B*C, ...)), one call of the layer for all.
+        As ``nn.BatchNorm`` under vmap, running statistics (updated in place) cannot be used;
+        nor can a synchronizer (its exchange is one per call)."""
+        if running_mean is not None or running_var is not None or num_batches_tracked is not None:
+            raise RuntimeError(
+                "Batch norm got a batched tensor as input while the running_mean or running_var, "
+                "which will be updated in place, were not batched. If you are using a module and "
+                "do not need eval mode, please set `track_running_stats` to be False (as "
+                "torch.func requires for nn.BatchNorm)")
+        if sync.exchanges:
+            raise RuntimeError("pysbn: torch.func.vmap over a synchronised batch norm is not "
+                               "supported (one exchange per call); vmap the layer where it has "
+                               "nothing to synchronise")
+        batch = info.batch_size
+        x = x.movedim(in_dims[0], 0) if in_dims[0] is not None else x.expand(batch, *x.shape)
+        n, c, rest = x.shape[1], x.shape[2], x.shape[3:]
+        xf = x.movedim(0, 1).reshape(n, batch * c, *rest)
+
+        def per_channel(t, dim):
+            if t is None:
+                return None
+            t = t.movedim(dim, 0) if dim is not None else t.expand(batch, c)
+            return t.reshape(batch * c)
+
+        y, stats = BatchNormFunction.apply(
+            ops.dense(xf), per_channel(weight, in_dims[1]), per_channel(bias, in_dims[2]), None,
+            None, None, momentum, eps, eps_mode, act, negative_slope, sync)
+        y = y.reshape(n, batch, c, *rest).movedim(1, 0)
+        parts = stats[1:].view(3, batch, c).movedim(1, 0).reshape(batch, 3 * c)
+        stats = torch.cat((stats[:1].expand(batch, 1), parts), dim=1)
+        return (y, stats), (0, 0)
+
+    @staticmethod
     def backward(ctx, dy: Tensor, _dstats: Optional[Tensor]) -> Tuple[Optional[Tensor], ...]:
         """Gradients of the batch norm with statistics of the synchronised batch.
 

@@ -713,6 +713,85 @@ def case_stops_calling_w2() -> None:
     ck.done()
 
 
+# ---- model zoos, checkpointing ---------------------------------------------------------------------
+
+def _ddp_vs_one_process(label: str, make, shares: Sequence[int], steps: int, size: int,
+                        classes: int) -> None:
+    """DDP over the ranks (loss scaled so the averaged gradient is that of the global mean
+    loss) ends where one process training the plain model on the whole batch ends."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    ck = Checks(f"{label} (rank {RANK}, shares {list(shares)})")
+    offs = _offsets(shares)
+    lo, hi = offs[RANK], offs[RANK + 1]
+    n = offs[-1]
+    torch.manual_seed(4321)
+    ref = make().double()
+    model = pysbn.convert_model(copy.deepcopy(ref))
+    ddp = DDP(model)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.05, momentum=0.9)
+    opt_ref = torch.optim.SGD(ref.parameters(), lr=0.05, momentum=0.9)
+    gen = torch.Generator().manual_seed(7)
+    ce = nn.functional.cross_entropy
+    for _ in range(steps):
+        xg = torch.randn((n, 3, size, size), generator=gen, dtype=torch.float64)
+        tg = torch.randint(0, classes, (n,), generator=gen)
+        opt.zero_grad(set_to_none=True)
+        loss = ce(ddp(xg[lo:hi]), tg[lo:hi], reduction="sum") * (WORLD / n)
+        loss.backward()
+        opt.step()
+        opt_ref.zero_grad(set_to_none=True)
+        ce(ref(xg), tg).backward()
+        opt_ref.step()
+    got = dict(model.named_parameters())
+    for name, p in ref.named_parameters():
+        ck.close(f"parameter {name}", got[name], p, 1e-8)
+    got_b = dict(model.named_buffers())
+    for name, b in ref.named_buffers():
+        if b.dtype.is_floating_point:
+            ck.close(f"buffer {name}", got_b[name], b, 1e-8)
+        else:
+            ck.true(torch.equal(got_b[name], b), f"buffer {name}: {got_b[name]} != {b}")
+    ck.done()
+
+
+def case_zoo_ddp_w2() -> None:
+    """timm's mobilenetv3 (BatchNormAct2d: hardswish and ReLU fused) and torchvision's resnet18
+    under DDP on 2 ranks, uneven shares, against one process on the whole batch."""
+    from _support import model_zoos
+
+    timm, torchvision = model_zoos()
+    _ddp_vs_one_process(
+        "timm mobilenetv3_small_050", lambda: timm.create_model(
+            "mobilenetv3_small_050", pretrained=False, num_classes=4, drop_rate=0.0,
+            drop_path_rate=0.0), [3, 5], steps=2, size=32, classes=4)
+    _ddp_vs_one_process("torchvision resnet18", lambda: torchvision.models.resnet18(num_classes=3),
+                        [5, 2], steps=2, size=32, classes=3)
+
+
+class _Checkpointed(nn.Module):
+    """The resnet-like net with its first two stages under non-reentrant checkpointing."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        from torch.utils.checkpoint import checkpoint
+
+        n = self.net
+        y = checkpoint(n.stem, x, use_reentrant=False)
+        y = checkpoint(n.block1, y, use_reentrant=False)
+        return n.head(n.block2(n.down(y)).mean(dim=(2, 3), keepdim=True))
+
+
+def case_checkpoint_w2() -> None:
+    """Non-reentrant activation checkpointing under DDP: the recomputation synchronises again
+    and updates the running statistics a second time, as nn.BatchNorm's does in one process."""
+    _ddp_vs_one_process("checkpointed resnet-like", lambda: _Checkpointed(_resnet_like()),
+                        [3, 4], steps=2, size=8, classes=4)
+
+
 def case_layers_cuda_w2() -> None:
     """The layers of case_layers_w2 that matter on a GPU (run with PYSBN_TEST_DEVICE=cuda):
     both memory formats, float32/float64, an empty rank."""

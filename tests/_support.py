@@ -146,3 +146,25 @@ def case_problems(group, case):
             problems.append(f"rank {rank}: {status}")
     return problems
 
+
+
+def model_zoos():
+    """(timm, torchvision), imported for tests on their models (random weights, no download).
+
+    The registry's torchvision wheel is a CUDA build: beside the CPU torch its C ops do not
+    register, and its import fails on registering a fake kernel for ``torchvision::nms``.
+    Declaring the two op schemas it registers unconditionally (nms, qnms) lets its pure-Python
+    models load; the C ops themselves (detection ops) are not used by these tests.
+    """
+    if not hasattr(torch.ops.torchvision, "nms"):
+        lib = torch.library.Library("torchvision", "FRAGMENT")
+        for op in ("nms", "qnms"):
+            lib.define(f"{op}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+        _KEEP.append(lib)
+    import timm
+    import torchvision
+
+    return timm, torchvision
+
+
+_KEEP = []  # libraries that must stay alive

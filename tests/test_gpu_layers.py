@@ -633,3 +633,96 @@ def test_no_host_synchronisation(case):
     torch.cuda.synchronize()
     assert bool(torch.isfinite(y).all()) and bool(torch.isfinite(x.grad).all())
     assert layer.weight.grad is not None
+
+
+# ---- the op set, torch.compile, fused activations on CUDA ----------------------------------------
+
+@pytest.mark.parametrize("name", ["sum_ft", "moments", "merge_moments", "finalize", "normalize",
+                                  "batch_norm_forward", "backward_reduce", "backward_elemt",
+                                  "batch_norm_backward"])
+@pytest.mark.parametrize("dtype,fmt", [(torch.float32, "contiguous"),
+                                       (torch.bfloat16, "channels_last")])
+def test_opcheck_cuda(name, dtype, fmt):
+    """torch.library.opcheck of every op on CUDA tensors (schema, fake kernel, autograd
+    registration, AOT dispatch)."""
+    x = to_format(torch.randn(4, 3, 5, 6, device=CUDA) * 2 + 1, fmt).to(dtype)
+    pdt = param_dtype(dtype)
+    w, b = torch.rand(3, device=CUDA, dtype=pdt) + 0.5, torch.randn(3, device=CUDA, dtype=pdt)
+    rec = ops.moments(x)
+    stats = ops.finalize(rec, 1e-5, 0, None, None, None, 0.1)
+    dy = torch.randn_like(x)
+
+    def run():
+        return (torch.zeros(3, device=CUDA, dtype=pdt), torch.ones(3, device=CUDA, dtype=pdt),
+                torch.zeros((), dtype=torch.int64, device=CUDA))
+
+    args = {
+        "sum_ft": (x,), "moments": (x,), "merge_moments": (torch.stack([rec, rec]),),
+        "finalize": (rec, 1e-5, 0, *run(), None),
+        "normalize": (x, stats, w, b, ops.ACTIVATIONS["silu"], 0.01),
+        "batch_norm_forward": (x, w, b, None, 1e-5, 0, ops.ACTIVATIONS["relu"], 0.01, *run(), 0.1),
+        "backward_reduce": (dy, x, stats, w, b, ops.ACTIVATIONS["gelu"], 0.01, None),
+        "backward_elemt": (dy, x, stats, w, b, torch.randn(6, device=CUDA, dtype=torch.float64),
+                           1e-5, 0, 0, 0.01),
+        "batch_norm_backward": (dy, x, stats, w, b, 1e-5, 0, ops.ACTIVATIONS["hardswish"], 0.01,
+                                [True, True, True]),
+    }[name]
+    result = torch.library.opcheck(getattr(torch.ops.pysbn, name).default, args)
+    assert set(result.values()) == {"SUCCESS"}, result
+
+
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
+def test_compiled_training_step_cuda(mode):
+    """torch.compile(fullgraph=True) of a conv + BN + SiLU-fused block on CUDA, three training
+    steps (mode "reduce-overhead": replayed from a CUDA graph) against eager pysbn."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False),
+                        pysbn.SynchronizedBatchNormAct2d(8, act_layer=nn.SiLU),
+                        nn.Conv2d(8, 8, 3, padding=1, bias=False),
+                        pysbn.SynchronizedBatchNorm2d(8, momentum=None)).to(CUDA)
+    eager = copy.deepcopy(net)
+    run = torch.compile(net, fullgraph=True, mode=None if mode == "default" else mode)
+    for step in range(3):
+        x = torch.randn(8, 3, 16, 16, device=CUDA)
+        dy = torch.randn(8, 8, 16, 16, device=CUDA)
+        outs = []
+        for model in (run, eager):
+            xi = x.clone().requires_grad_()
+            y = model(xi)
+            y.backward(dy)
+            outs.append((y.detach().clone(), xi.grad))
+        close(outs[0][0], outs[1][0], 1e-4, f"step {step} output")
+        close(outs[0][1], outs[1][1], 1e-4, f"step {step} input grad")
+        for (name, p), q in zip(net.named_parameters(), eager.parameters()):
+            close(p.grad, q.grad, 1e-3, f"step {step} grad {name}")
+        for (name, b), c in zip(net.named_buffers(), eager.buffers()):
+            close(b.double(), c.double(), 1e-5, f"step {step} {name}")
+        net.zero_grad(set_to_none=True)
+        eager.zero_grad(set_to_none=True)
+
+
+@pytest.mark.parametrize("act", ["relu", "leaky_relu", "silu", "gelu", "gelu_tanh", "hard_swish"])
+@pytest.mark.parametrize("fmt", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_activation_cuda(act, fmt, dtype):
+    """SynchronizedBatchNormAct2d on CUDA (activation fused in the kernels) against the same
+    layer's CPU path in float64 (composition of batch norm and torch's activation)."""
+    torch.manual_seed(1)
+    layer = pysbn.SynchronizedBatchNormAct2d(6, act_layer=act, dtype=param_dtype(dtype),
+                                             device=CUDA)
+    randomize(layer)
+    ref = pysbn.SynchronizedBatchNormAct2d(6, act_layer=act, dtype=torch.float64)
+    ref.load_state_dict({k: v.double() if v.is_floating_point() else v
+                         for k, v in layer.state_dict().items()})
+    x = to_format(torch.randn(5, 6, 9, 7, device=CUDA), fmt).to(dtype)
+    dy = to_format(torch.randn(5, 6, 9, 7, device=CUDA), fmt).to(dtype)
+    xs, xr = x.clone().requires_grad_(), x.double().cpu().requires_grad_()
+    ys, yr = layer(xs), ref(xr)
+    ys.backward(dy)
+    yr.backward(dy.double().cpu())
+    tol = 1e-4 if dtype == torch.float32 else 6e-2
+    close(ys, yr, tol, f"{act} output")
+    close(xs.grad, xr.grad, tol * 10, f"{act} input grad")
+    close(layer.weight.grad, ref.weight.grad, tol * 10, f"{act} weight grad")
+    close(layer.running_var, ref.running_var, 1e-5, f"{act} running_var")

@@ -152,13 +152,14 @@ class ProcessGroupSync(Synchronizer):
         else:
             seq = self.layer.counter[0]
             self.layer.counter[0] += 1
-            # On CUDA the call number is not sent (nothing reads it without a host sync).
-            head = (float(self.layer.key), float(c), self.dtype_code,
-                    float(seq) if cpu else -1.0)
-            header = torch.tensor(head, dtype=record.dtype)
-            if not cpu:
-                header = self._device_header(head, record.device)
             check = cpu or base.get_sync_check()
+            # On CUDA, outside the check mode, nothing reads the header on the host: its call
+            # number is not sent, so the header is a constant of the layer, copied to the
+            # device once (a fresh host-to-device copy at each call would block).
+            head = (float(self.layer.key), float(c), self.dtype_code,
+                    float(seq) if check else -1.0)
+            header = (torch.tensor(head, dtype=record.dtype, device=record.device) if check
+                      else self._device_header(head, record.device))
             if base.get_sync_check():
                 heads = torch.empty(world * _HEADER, dtype=record.dtype, device=record.device)
                 self._collective("forward", seq, lambda: _all_gather(heads, header, self.group))
@@ -173,8 +174,6 @@ class ProcessGroupSync(Synchronizer):
         return ops.trusted.merge_moments(gathered[:, _HEADER:])
 
     def _device_header(self, head, device) -> torch.Tensor:
-        # Made on the host and copied to the device once per (device, C, dtype) of the layer: a
-        # fresh copy at each call would be a blocking host-to-device copy.
         key = (device, head[1], head[2])
         t = self.layer.headers.get(key)
         if t is None:
