@@ -34,7 +34,7 @@ from .replicate import (
     patch_replication_callback,
 )
 
-__version__ = ops.core_version()
+from ._version import __version__  # the one version (also the wheel's and the core's)
 
 __all__ = [
     "SynchronizedBatchNorm1d",

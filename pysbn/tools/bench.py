@@ -1,5 +1,5 @@
 # SPDX-License-Identifier: MIT
-"""``python -m pysbn bench``: the benchmark protocol (../shared/BENCHMARK-PROTOCOL.md) on this machine.
+"""``pysbn bench``: the benchmark protocol (the one BENCHMARKS.md describes) on this machine.
 
 Every claim is a ratio measured in one process, implementations interleaved round-robin:
 
@@ -11,6 +11,11 @@ Every claim is a ratio measured in one process, implementations interleaved roun
   ``normalize``; backward ``backward_reduce``, ``backward_elemt``): the layer minus its Python;
 - ``seed``: the seed's composition: per-channel sum and sum of squares with torch ops,
   ``(x - mean) * (invstd * w) + b``, autograd backward;
+- ``torch_compiled``: the ``nn.BatchNorm`` layer under ``torch.compile`` (default backend);
+  ``pysbn_compiled``: the pysbn layer under ``torch.compile(fullgraph=True)``. Each row
+  compiles afresh (``torch.compiler.reset()``, at the row's thread count); the first calls,
+  forward then forward+backward, compile and are recorded as ``compile_s`` (inductor's on-disk
+  caches as found: a warm cache shortens it), not timed;
 - probes at the same size and thread count: a read-only sum and a copy.
 
 Times are medians (p10, p90 in the JSON) of forward and forward+backward; backward is the
@@ -26,23 +31,26 @@ import contextlib
 import json
 import math
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
-from . import ops
-from . import functional as PF
-from .batchnorm import SynchronizedBatchNorm1d, SynchronizedBatchNorm2d, SynchronizedBatchNorm3d
+import pysbn
+from pysbn import functional as PF
+from pysbn import ops
 
-__all__ = ["SHAPES", "QUICK_SHAPES", "Timing", "measure", "peak_memory", "variance_errors",
-           "environment", "run", "markdown", "chart", "main"]
+from . import bench_sync
+from ._env import SHORT_DTYPES as _SHORT
+from ._env import environment
+from .chart import CHART_HINT, write_chart
+
+__all__ = ["SHAPES", "QUICK_SHAPES", "COMPILE_MODES", "Timing", "measure", "peak_memory",
+           "variance_errors", "environment", "run", "markdown", "geomean", "main"]
 
 Fn = Callable[[], object]
 
@@ -64,31 +72,37 @@ OFFSETS = (0.0, 1e2, 1e3, 1e4)
 EPS = 1e-5
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
            "float64": torch.float64}
-_SHORT = {"float32": "f32", "float16": "f16", "bfloat16": "bf16", "float64": "f64"}
+COMPILE_MODES = ("all", "first", "none")
+"""Rows with compiled implementations: every row, the first memory format of each shape (the
+``--quick`` default: compiling costs seconds per row), or none."""
+COMPILED = ("torch_compiled", "pysbn_compiled")
 
 
 # ---- implementations ---------------------------------------------------------------------------
 def _layers(ndim: int) -> Tuple[type, type]:
     if ndim in (2, 3):
-        return nn.BatchNorm1d, SynchronizedBatchNorm1d
+        return nn.BatchNorm1d, pysbn.SynchronizedBatchNorm1d
     if ndim == 4:
-        return nn.BatchNorm2d, SynchronizedBatchNorm2d
+        return nn.BatchNorm2d, pysbn.SynchronizedBatchNorm2d
     if ndim == 5:
-        return nn.BatchNorm3d, SynchronizedBatchNorm3d
+        return nn.BatchNorm3d, pysbn.SynchronizedBatchNorm3d
     raise ValueError(f"no batch-norm layer for {ndim}-D inputs")
 
 
-def _layer_impl(layer: nn.Module, x: torch.Tensor, dy: torch.Tensor) -> Tuple[Fn, Fn]:
-    """Forward and forward+backward of a batch-norm layer in training mode."""
+def _layer_impl(layer: nn.Module, x: torch.Tensor, dy: torch.Tensor,
+                call: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> Tuple[Fn, Fn]:
+    """Forward and forward+backward of a batch-norm layer in training mode; ``call`` runs the
+    layer (default: the layer itself; e.g. ``torch.compile(layer)``)."""
     layer.train()
+    run = layer if call is None else call
 
     def fwd():
-        return layer(x)
+        return run(x)
 
     def fwd_bwd():
         layer.weight.grad = None  # as an optimizer's zero_grad(set_to_none=True)
         layer.bias.grad = None
-        y = layer(x.detach().requires_grad_())
+        y = run(x.detach().requires_grad_())
         y.backward(dy)
 
     return fwd, fwd_bwd
@@ -164,31 +178,36 @@ def _probes(x) -> Tuple[Fn, Fn]:
     return read, copy
 
 
-def _make_impls(x, dy, w, b) -> Dict[str, Tuple[Fn, Fn]]:
-    """Every implementation of one row, keyed by name (torch first: the reference)."""
+def _make_impls(x, dy, w, b, compiled: bool = False) -> Dict[str, Tuple[Fn, Fn]]:
+    """Every implementation of one row, keyed by name (torch first: the reference); with
+    ``compiled``, also the two layers under ``torch.compile`` (compiled at their first call)."""
     c = x.shape[1]
     torch_cls, sbn_cls = _layers(x.dim())
     pdt = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
-    layers = {}
-    for name, cls in (("torch", torch_cls), ("pysbn", sbn_cls)):
+
+    def make(cls):
         layer = cls(c, eps=EPS, device=x.device, dtype=pdt)
         with torch.no_grad():
             layer.weight.copy_(w)
             layer.bias.copy_(b)
-        layers[name] = layer
+        return layer
+
     impls = {}
     if x.is_cuda:
-        impls["torch"] = _with_cudnn(True, _layer_impl(layers["torch"], x, dy))
-        native = torch_cls(c, eps=EPS, device=x.device, dtype=pdt)
-        with torch.no_grad():
-            native.weight.copy_(w)
-            native.bias.copy_(b)
-        impls["torch_native"] = _with_cudnn(False, _layer_impl(native, x, dy))
+        impls["torch"] = _with_cudnn(True, _layer_impl(make(torch_cls), x, dy))
+        impls["torch_native"] = _with_cudnn(False, _layer_impl(make(torch_cls), x, dy))
     else:
-        impls["torch"] = _layer_impl(layers["torch"], x, dy)
-    impls["pysbn"] = _layer_impl(layers["pysbn"], x, dy)
+        impls["torch"] = _layer_impl(make(torch_cls), x, dy)
+    impls["pysbn"] = _layer_impl(make(sbn_cls), x, dy)
     impls["core"] = _core_impl(x, w.to(pdt), b.to(pdt), dy)
     impls["seed"] = _seed_impl(x, w, b, dy)
+    if compiled:
+        # A fresh start per row: compiled code is specialised to the shape, layout and thread
+        # count, and the previous rows' entries would count against dynamo's recompile limit.
+        torch.compiler.reset()
+        tl, pl = make(torch_cls), make(sbn_cls)
+        impls["torch_compiled"] = _layer_impl(tl, x, dy, torch.compile(tl))
+        impls["pysbn_compiled"] = _layer_impl(pl, x, dy, torch.compile(pl, fullgraph=True))
     return impls
 
 
@@ -420,101 +439,34 @@ def variance_errors(shape: Sequence[int], memory_format: torch.memory_format,
     return out
 
 
-# ---- environment -------------------------------------------------------------------------------
-def _read(path: str) -> Optional[str]:
-    try:
-        with open(path) as f:
-            return f.read().strip()
-    except OSError:
-        return None
-
-
-def environment(threads: Sequence[int]) -> dict:
-    """The machine, the software and the settings a result depends on."""
-    cpu = platform.processor() or platform.machine()
-    caches = {}
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-        base = "/sys/devices/system/cpu/cpu0/cache"
-        for idx in sorted(os.listdir(base)):
-            p = os.path.join(base, idx)
-            level, kind, size = (_read(os.path.join(p, k)) for k in ("level", "type", "size"))
-            if level and kind and size:
-                caches[f"L{level}{kind[0].lower()}"] = size
-    except OSError:
-        pass
-    mem = None
-    meminfo = _read("/proc/meminfo")
-    if meminfo:
-        for line in meminfo.splitlines():
-            if line.startswith("MemTotal:"):
-                mem = f"{int(line.split()[1]) / 2**20:.1f} GiB"
-    env = {
-        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        "host": platform.node(),
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "caches": caches,
-        "memory": mem,
-        "os": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torch_threads_default": torch.get_num_threads(),
-        "pysbn": ops.core_version(),
-        "pysbn_cuda": ops.built_with_cuda(),
-        "pysbn_cuda_archs": ops.cuda_architectures() if ops.built_with_cuda() else None,
-        "pysbn_openmp": ops.built_with_openmp(),
-        "threads": list(threads),
-        "allocator": os.environ.get("GLIBC_TUNABLES", "glibc default"),
-        "transparent_hugepage": _read("/sys/kernel/mm/transparent_hugepage/enabled"),
-        "env": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "PYSBN_NO_HUGEPAGE",
-                                           "THP_MEM_ALLOC_ENABLE", "PYTORCH_CUDA_ALLOC_CONF")
-                if k in os.environ},
-    }
-    if torch.cuda.is_available():
-        gpus = []
-        for i in range(torch.cuda.device_count()):
-            p = torch.cuda.get_device_properties(i)
-            gpus.append({"name": p.name, "capability": f"{p.major}.{p.minor}",
-                         "memory_GiB": round(p.total_memory / 2**30, 1),
-                         "multiprocessors": p.multi_processor_count})
-        env["gpus"] = gpus
-        env["gpu"] = gpus[0]["name"]
-        env["cuda"] = torch.version.cuda
-        env["cudnn"] = torch.backends.cudnn.version()
-        try:
-            env["driver"] = subprocess.run(
-                ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                capture_output=True, text=True, timeout=10).stdout.strip().splitlines()[0]
-        except (OSError, subprocess.SubprocessError, IndexError):
-            env["driver"] = None
-    return env
-
-
 # ---- driver ------------------------------------------------------------------------------------
-class _Progress:
-    """A one-line plain-text progress bar on stderr, with the time left."""
+class _NoProgress:
+    """Stands in for a tqdm bar when none is shown."""
 
-    def __init__(self, total: int, enabled: bool = True) -> None:
-        self.total, self.enabled, self.t0 = max(total, 1), enabled, time.perf_counter()
+    def set_postfix_str(self, s: str = "", refresh: bool = True) -> None:
+        pass
 
-    def show(self, i: int, label: str) -> None:
-        if not self.enabled:
-            return
-        width = 30
-        done = int(width * i / self.total)
-        el = time.perf_counter() - self.t0
-        eta = f"~{el / i * (self.total - i):.0f} s left" if i else ""
-        sys.stderr.write(f"\r[{'#' * done}{'.' * (width - done)}] {i}/{self.total} "
-                         f"{label:<30} {eta:<14}")
-        if i >= self.total:
-            sys.stderr.write(f"\n{el:.0f} s\n")
-        sys.stderr.flush()
+    def update(self, n: float = 1) -> None:
+        pass
 
+    def close(self) -> None:
+        pass
+
+
+def _progress_bar(total: float, enabled: bool) -> Any:
+    """A tqdm bar on stderr with the time left, or a silent stand-in: when ``enabled`` is
+    false, stderr is not a terminal, or tqdm (the ``bench`` extra) is not installed."""
+    if not enabled or not getattr(sys.stderr, "isatty", lambda: False)():
+        return _NoProgress()
+    try:
+        from tqdm import tqdm  # type: ignore[import-untyped,unused-ignore]
+    except ImportError:
+        return _NoProgress()
+    # updates come seconds apart: draw each one (mininterval 0)
+    return tqdm(total=total, file=sys.stderr, desc="pysbn bench", leave=False,
+                dynamic_ncols=True, mininterval=0, miniters=1,
+                bar_format="{desc} {percentage:3.0f}%|{bar}| {elapsed}, ~{remaining} left"
+                           "{postfix}")
 
 def _memory_format(shape: Sequence[int], fmt: str) -> torch.memory_format:
     if fmt == "cl":
@@ -553,18 +505,31 @@ def _timing_dict(tf: Timing, tfb: Timing, limit_fwd: float, limit: float, nbytes
             "eff_GBps_8pass": 8 * nbytes / tfb.median / 1e9, "n": len(tfb.samples)}
 
 
-def _bench_row(sid, shape, fmt, dtype_name, device, nt, settings) -> dict:
+def _first_call(fn: Fn, device: torch.device) -> float:
+    """Seconds of one call, the device's queue drained before and after."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - t0
+
+
+def _bench_row(sid, shape, fmt, dtype_name, device, nt, settings, compiled=False) -> dict:
     dtype = _DTYPES[dtype_name]
     x, dy, w, b = _inputs(shape, fmt, dtype, device)
-    impls = _make_impls(x, dy, w, b)
+    impls = _make_impls(x, dy, w, b, compiled)
     errors = {}
+    first: Dict[str, Tuple[float, float]] = {}
     fns: Dict[str, Fn] = {}
     for name, (f, fb) in impls.items():
         try:  # an implementation that cannot run this case is reported, not fatal
-            f()
-            fb()
+            # the first calls: forward, then forward+backward (a compiled layer compiles both)
+            first[name] = (_first_call(f, device), _first_call(fb, device))
         except Exception as exc:  # noqa: BLE001
-            errors[name] = f"{type(exc).__name__}: {exc}"
+            msg = str(exc).strip().splitlines()
+            errors[name] = f"{type(exc).__name__}: {msg[0] if msg else ''}"[:300]
             continue
         fns[name + ".fwd"], fns[name + ".fwdbwd"] = f, fb
     read, copy = _probes(x)
@@ -582,14 +547,18 @@ def _bench_row(sid, shape, fmt, dtype_name, device, nt, settings) -> dict:
     for name in impls:
         if name in errors:
             row[name] = {"error": errors[name]}
-        else:
-            row[name] = _timing_dict(t[name + ".fwd"], t[name + ".fwdbwd"], limit_fwd, limit,
-                                     nbytes)
+            continue
+        row[name] = _timing_dict(t[name + ".fwd"], t[name + ".fwdbwd"], limit_fwd, limit,
+                                 nbytes)
+        if name in COMPILED:
+            # first calls until warm: compile (and run once) forward, then forward+backward
+            row[name]["compile_fwd_s"], row[name]["compile_fwdbwd_s"] = first[name]
+            row[name]["compile_s"] = sum(first[name])
 
-    def ratio(a, key="fwdbwd_ms"):
-        if "error" in row.get(a, {"error": 1}) or "error" in row["pysbn"]:
+    def ratio(a, key="fwdbwd_ms", of="pysbn"):
+        if "error" in row.get(a, {"error": 1}) or "error" in row.get(of, {"error": 1}):
             return None
-        return row[a][key] / row["pysbn"][key]
+        return row[a][key] / row[of][key]
 
     row["speedup_vs_torch"] = ratio("torch")
     row["speedup_vs_torch_fwd"] = ratio("torch", "fwd_ms")
@@ -597,13 +566,19 @@ def _bench_row(sid, shape, fmt, dtype_name, device, nt, settings) -> dict:
     if "torch_native" in row:
         row["speedup_vs_torch_native"] = ratio("torch_native")
     row["core_vs_layer"] = ratio("core")  # < 1: the layer's Python and autograd cost
+    if compiled:
+        # pysbn_compiled vs torch_compiled (> 1: pysbn faster), and compiled vs eager pysbn
+        row["speedup_compiled"] = ratio("torch_compiled", of="pysbn_compiled")
+        row["speedup_compiled_fwd"] = ratio("torch_compiled", "fwd_ms", of="pysbn_compiled")
+        row["pysbn_compiled_vs_eager"] = ratio("pysbn", of="pysbn_compiled")
     return row
 
 
 def run(shapes: Sequence[str], threads: Sequence[int], settings: dict,
         devices: Sequence[str] = ("cpu",), dtypes: Optional[Dict[str, Sequence[str]]] = None,
         formats: Sequence[str] = FORMATS, numerics: bool = True, memory: bool = True,
-        custom: Optional[Dict[str, Tuple[int, ...]]] = None, progress: bool = True) -> dict:
+        custom: Optional[Dict[str, Tuple[int, ...]]] = None, progress: bool = True,
+        compiled: str = "all") -> Dict[str, Any]:
     """Runs the protocol; returns every figure (see :func:`main` for the files written).
 
     Parameters
@@ -618,12 +593,21 @@ def run(shapes: Sequence[str], threads: Sequence[int], settings: dict,
         ``"cpu"`` and/or ``"cuda"``.
     dtypes : dict, optional
         Per device type, dtype names; default float32 on CPU, float32/float16/bfloat16 on CUDA.
+    progress : bool
+        Show a progress bar with the time left on stderr (tqdm; only when stderr is a terminal
+        and tqdm is installed).
+    compiled : str
+        One of :data:`COMPILE_MODES`: which timing rows also measure the layers under
+        ``torch.compile``.
     """
+    if compiled not in COMPILE_MODES:
+        raise ValueError(f"compiled: expected one of {COMPILE_MODES}, got {compiled!r}")
     table = {k: v for k, v in SHAPES.items()}
     for k, shp in (custom or {}).items():
         table[k] = (tuple(shp), "all")
     dtypes = dtypes or {"cpu": ["float32"], "cuda": ["float32", "float16", "bfloat16"]}
-    jobs = []  # (kind, device, dtype, threads, id, shape, fmt)
+    # (kind, device, dtype, threads, id, shape, fmt, with compiled rows)
+    jobs: List[Tuple[str, str, str, Optional[int], str, Tuple[int, ...], str, bool]] = []
 
     def cases(dev):  # (id, shape, fmt) of the rows a device runs
         for sid in shapes:
@@ -633,29 +617,39 @@ def run(shapes: Sequence[str], threads: Sequence[int], settings: dict,
             for fmt in _formats(shape, formats):
                 yield sid, shape, fmt
 
+    def with_compiled(shape, fmt):
+        return compiled == "all" or (compiled == "first" and fmt == _formats(shape, formats)[0])
+
     for dev in devices:
         for dt in dtypes.get(dev, ["float32"]):
-            for nt in (threads if dev == "cpu" else [torch.get_num_threads()]):
-                jobs.extend(("time", dev, dt, nt, sid, shape, fmt) for sid, shape, fmt in cases(dev))
+            for n_threads in (threads if dev == "cpu" else [torch.get_num_threads()]):
+                jobs.extend(("time", dev, dt, n_threads, sid, shape, fmt,
+                             with_compiled(shape, fmt)) for sid, shape, fmt in cases(dev))
         if memory:
             for dt in dtypes.get(dev, ["float32"]):
-                jobs.extend(("memory", dev, dt, None, sid, shape, fmt)
+                jobs.extend(("memory", dev, dt, None, sid, shape, fmt, False)
                             for sid, shape, fmt in cases(dev))
         if numerics:
             for fmt in _formats(NUMERICS_SHAPE, formats):
-                jobs.append(("numerics", dev, "float32", None, "numerics", NUMERICS_SHAPE, fmt))
-    bar = _Progress(len(jobs), progress)
-    rows, mem_rows, num = [], [], {}
+                jobs.append(("numerics", dev, "float32", None, "numerics", NUMERICS_SHAPE, fmt,
+                             False))
+    # rough relative costs, for the estimate of the time left
+    weights = [(5 + 5 * comp) if kind == "time" else 1 for kind, *_, comp in jobs]
+    bar = _progress_bar(sum(weights), progress)
+    rows: List[Dict[str, Any]] = []
+    mem_rows: List[Dict[str, Any]] = []
+    num: Dict[str, Dict[str, Dict[str, Any]]] = {}
     old_threads = torch.get_num_threads()
     try:
-        for i, (kind, dev, dt, nt, sid, shape, fmt) in enumerate(jobs):
-            label = f"{kind[:3]} {sid} {fmt} {_SHORT.get(dt, dt)}" + (f" {nt}t" if nt else "") \
-                + (" gpu" if dev == "cuda" else "")
-            bar.show(i, label)
+        for (kind, dev, dt, nt, sid, shape, fmt, comp), weight in zip(jobs, weights):
+            label = f"{kind} {sid} {fmt} {_SHORT.get(dt, dt)}" + (f" {nt}t" if nt else "") \
+                + (" gpu" if dev == "cuda" else "") + (" +compile" if comp else "")
+            bar.set_postfix_str(label, refresh=True)
             device = torch.device(dev)
             if kind == "time":
+                assert nt is not None
                 torch.set_num_threads(nt)
-                rows.append(_bench_row(sid, shape, fmt, dt, device, nt, settings))
+                rows.append(_bench_row(sid, shape, fmt, dt, device, nt, settings, comp))
             elif kind == "memory":
                 torch.set_num_threads(old_threads)
                 x, dy, w, b = _inputs(shape, fmt, _DTYPES[dt], device)
@@ -672,10 +666,14 @@ def run(shapes: Sequence[str], threads: Sequence[int], settings: dict,
                     shape, _memory_format(shape, fmt), dev)
             if dev == "cuda":
                 torch.cuda.empty_cache()
-        bar.show(len(jobs), "done")
+            bar.update(weight)
     finally:
+        bar.close()
         torch.set_num_threads(old_threads)
-    result = {"environment": environment(threads), "rows": rows, "settings": dict(settings)}
+    if compiled != "none":
+        torch.compiler.reset()  # drop the last row's compiled code
+    result: Dict[str, Any] = {"environment": environment(threads), "rows": rows,
+                              "settings": dict(settings, compiled=compiled)}
     if memory:
         result["memory"] = mem_rows
         result["memory_method"] = (
@@ -690,10 +688,10 @@ def run(shapes: Sequence[str], threads: Sequence[int], settings: dict,
     return result
 
 
-def geomean(values: Sequence[float]) -> float:
-    """Geometric mean (nan for an empty sequence)."""
-    values = [v for v in values if v is not None]
-    return math.exp(sum(math.log(v) for v in values) / len(values)) if values else float("nan")
+def geomean(values: Sequence[Optional[float]]) -> float:
+    """Geometric mean of the values that are not None (nan when there are none)."""
+    vs = [v for v in values if v is not None]
+    return math.exp(sum(math.log(v) for v in vs) / len(vs)) if vs else float("nan")
 
 
 def _ms(r: dict, impl: str, key: str) -> str:
@@ -713,8 +711,14 @@ def _mb(v: Optional[float]) -> str:
     return f"{v / 1e6:.1f}" if v >= 1e7 else f"{v / 1e6:.3g}"
 
 
-def markdown(result: dict) -> str:
-    """The Markdown tables: times and ratios, summaries, memory, numerics."""
+def _s(r: dict, impl: str) -> str:
+    d = r.get(impl)
+    return "-" if d is None or "error" in d else f"{d['compile_s']:.1f}"
+
+
+def markdown(result: Dict[str, Any]) -> str:
+    """The Markdown tables: times and ratios, the compiled layers, summaries, memory,
+    numerics."""
     lines: List[str] = []
     cpu = [r for r in result["rows"] if r["device"] == "cpu"]
     gpu = [r for r in result["rows"] if r["device"] == "cuda"]
@@ -749,16 +753,45 @@ def markdown(result: dict) -> str:
                 f"| {'-' if 'error' in p else format(p['eff_GBps_8pass'], '.0f')} "
                 f"| {'-' if 'error' in p else format(p['x_of_limit'], '.2f')} |")
         lines.append("")
+    comp = [r for r in result["rows"] if "speedup_compiled" in r]
+    if comp:
+        lines += ["Under torch.compile: nn.BatchNorm (torch_compiled) and the pysbn layer "
+                  "(pysbn_compiled, fullgraph=True), compiled afresh per row; compile s = the "
+                  "first forward and forward+backward calls, compile included (with torch's "
+                  "compile caches as found: a warm cache shortens them):", "",
+                  "| shape | fmt | dtype | device | thr | torch_compiled fwd ms "
+                  "| pysbn_compiled fwd ms | torch_compiled f+b ms | pysbn_compiled f+b ms "
+                  "| vs torch_compiled f+b | vs torch_compiled fwd | pysbn compiled vs eager "
+                  "| torch compile s | pysbn compile s |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in comp:
+            lines.append(
+                f"| {r['id']} {tuple(r['shape'])} | {r['format']} | {r['dtype']} "
+                f"| {r['device']} | {r['threads'] if r['device'] == 'cpu' else '-'} "
+                f"| {_ms(r, 'torch_compiled', 'fwd_ms')} | {_ms(r, 'pysbn_compiled', 'fwd_ms')} "
+                f"| {_ms(r, 'torch_compiled', 'fwdbwd_ms')} "
+                f"| {_ms(r, 'pysbn_compiled', 'fwdbwd_ms')} | {_x(r['speedup_compiled'])} "
+                f"| {_x(r['speedup_compiled_fwd'])} | {_x(r['pysbn_compiled_vs_eager'])} "
+                f"| {_s(r, 'torch_compiled')} | {_s(r, 'pysbn_compiled')} |")
+        lines.append("")
     groups: Dict[tuple, List[float]] = {}
+    cgroups: Dict[tuple, List[float]] = {}
     for r in result["rows"]:
         key = (r["device"], r["dtype"], r["threads"] if r["device"] == "cpu" else None,
                r["format"])
         if r["speedup_vs_torch"] is not None:
             groups.setdefault(key, []).append(r["speedup_vs_torch"])
+        if r.get("speedup_compiled") is not None:
+            cgroups.setdefault(key, []).append(r["speedup_compiled"])
     for (dev, dt, nt, fmt), sel in groups.items():
         where = f"{nt} thread(s)" if dev == "cpu" else "GPU"
         lines.append(f"- {dev} {dt} {where}, {fmt}: geometric-mean speedup vs torch f+b "
                      f"{geomean(sel):.2f}x (min {min(sel):.2f}x over {len(sel)} shapes)")
+    for (dev, dt, nt, fmt), sel in cgroups.items():
+        where = f"{nt} thread(s)" if dev == "cpu" else "GPU"
+        lines.append(f"- {dev} {dt} {where}, {fmt}, under torch.compile: geometric-mean "
+                     f"speedup pysbn_compiled vs torch_compiled f+b {geomean(sel):.2f}x "
+                     f"(min {min(sel):.2f}x over {len(sel)} shapes)")
     seeds = [r["speedup_vs_seed"] for r in result["rows"] if r["speedup_vs_seed"] is not None]
     if seeds:
         lines.append(f"- vs the seed: {min(seeds):.2f}x to {max(seeds):.2f}x over "
@@ -784,62 +817,17 @@ def markdown(result: dict) -> str:
                 f"| {_mb(m['input_bytes'])} | {_mb(tp)} | {_mb(pp)} "
                 f"| {_mb(m['seed']['peak_bytes'])} | {rel} | {_mb(m['torch']['saved_bytes'])} "
                 f"| {_mb(m['pysbn']['saved_bytes'])} | {_mb(m['seed']['saved_bytes'])} |")
-    for key, dev in (("numerics", "cpu"), ("numerics_cuda", "cuda")):
-        if result.get(key):
+    for nkey, dev in (("numerics", "cpu"), ("numerics_cuda", "cuda")):
+        if result.get(nkey):
             lines += ["", f"Variance relative error vs float64, {dev}, float32 "
                       f"{tuple(NUMERICS_SHAPE)}:", "",
                       "| fmt | offset | torch | pysbn (layer) | core (float64 stats) | seed |",
                       "|---|---|---|---|---|---|"]
-            for fmt, d in result[key].items():
+            for fmt, d in result[nkey].items():
                 for off, e in d.items():
                     lines.append(f"| {fmt} | {off} | {e['torch']:.2e} | {e['pysbn']:.2e} "
                                  f"| {e['core']:.2e} | {e['seed']:.2e} |")
     return "\n".join(lines)
-
-
-def chart(result: dict, path: str) -> Tuple[int, int]:
-    """Writes the PNG chart: per row, pysbn's speedup vs torch and vs the seed (fwd+bwd), its
-    fraction of the memory-bandwidth limit, and (per shape) its peak memory vs nn.BatchNorm."""
-    from ._chart import bar_panels
-
-    rows = result["rows"]
-    labels = []
-    for r in rows:
-        tag = f"{r['threads']}t" if r["device"] == "cpu" else "gpu"
-        labels.append(f"{r['id']} {r['format']} {_SHORT.get(r['dtype'], r['dtype'])} {tag}")
-    mem = {(m["id"], m["format"], m["dtype"], m["device"]): m
-           for m in result.get("memory", []) if "error" not in m}
-
-    def mem_ratio(r):
-        m = mem.get((r["id"], r["format"], r["dtype"], r["device"]))
-        if m is None or not m["torch"]["peak_bytes"] or m["pysbn"]["peak_bytes"] is None:
-            return None
-        return m["pysbn"]["peak_bytes"] / m["torch"]["peak_bytes"]
-
-    def frac(r):
-        p = r["pysbn"]
-        return None if "error" in p else 1.0 / p["x_of_limit"]
-
-    panels = [
-        {"title": "speedup vs torch (fwd+bwd)", "values": [r["speedup_vs_torch"] for r in rows],
-         "ref": 1.0, "fmt": "{:.2f}x"},
-        {"title": "speedup vs the seed (fwd+bwd)",
-         "values": [r["speedup_vs_seed"] for r in rows], "ref": 1.0, "fmt": "{:.1f}x"},
-        {"title": "fraction of bandwidth limit", "values": [frac(r) for r in rows],
-         "ref": 1.0, "fmt": "{:.2f}"},
-    ]
-    if mem:
-        panels.append({"title": "peak memory / nn.BatchNorm",
-                       "values": [mem_ratio(r) for r in rows], "ref": 1.0, "fmt": "{:.2f}"})
-    env = result["environment"]
-    notes = [f"{env['cpu']}, {env['cores']} cores; torch {env['torch']}; pysbn {env['pysbn']}; "
-             f"{env['date']}",
-             "limit: 5 tensor passes at the probe bandwidth (read-only sum, copy) of the same "
-             "size and thread count"]
-    if env.get("gpu"):
-        notes.insert(1, f"GPU: {env['gpu']}, CUDA {env.get('cuda')}")
-    return bar_panels(path, labels, panels, title="pysbn bench: SynchronizedBatchNorm, 1 process",
-                      notes=notes)
 
 
 def _parse_shapes(spec: str, ap: argparse.ArgumentParser):
@@ -859,15 +847,18 @@ def _parse_shapes(spec: str, ap: argparse.ArgumentParser):
     return ids, custom
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """``python -m pysbn bench [options]``; writes bench.json, bench.md and bench.png to --out."""
+def main(argv: Optional[Sequence[str]] = None, prog: str = "pysbn bench") -> int:
+    """``pysbn bench [options]``; writes bench.json, bench.md and (with matplotlib) bench.png
+    to --out. Returns the exit status (0)."""
     ap = argparse.ArgumentParser(
-        prog="python -m pysbn bench", description=(__doc__ or "").split("\n")[0],
-        epilog="Full protocol run: python -m pysbn bench --out <folder> (CPU: float32, 1 and all "
+        prog=prog, description=(__doc__ or "").split("\n")[0],
+        epilog=f"Full protocol run: {prog} --out <folder> (CPU: float32, 1 and all "
                "threads; CUDA rows when a GPU is present). Warm heap: prefix "
-               "GLIBC_TUNABLES=glibc.malloc.mmap_max=0.")
+               "GLIBC_TUNABLES=glibc.malloc.mmap_max=0. The chart needs matplotlib and the "
+               "progress bar tqdm: pip install \"pysbn[bench]\".")
     ap.add_argument("--quick", action="store_true",
-                    help=f"shapes {','.join(QUICK_SHAPES)}, few repetitions (about a minute)")
+                    help=f"shapes {','.join(QUICK_SHAPES)}, few repetitions, compiled rows on "
+                         "the first format only (one to two minutes)")
     ap.add_argument("--shapes", default=None,
                     help="comma-separated shape ids or NxCx... shapes (default: every protocol "
                          "shape; GPU-only ones on CUDA only)")
@@ -892,23 +883,27 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--no-numerics", action="store_true")
     ap.add_argument("--no-memory", action="store_true")
     ap.add_argument("--no-chart", action="store_true")
+    ap.add_argument("--compile", choices=COMPILE_MODES, default=None,
+                    help="rows that also time the layers under torch.compile: all (default), "
+                         "first (the first memory format of each shape; the --quick default) "
+                         "or none")
+    ap.add_argument("--no-compile", action="store_true",
+                    help="no torch.compile rows (same as --compile none)")
+    ap.add_argument("--no-progress", action="store_true",
+                    help="no progress bar (there is none anyway when stderr is not a terminal)")
     ap.add_argument("--sync", action="store_true",
-                    help="run the 2-process sync benchmark instead (pysbn.bench_sync); the other "
-                         "arguments are passed to it unchanged")
+                    help="run the 2-process sync benchmark instead (pysbn.tools.bench_sync); the "
+                         "other arguments are passed to it unchanged")
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--sync" in argv:
         rest = [a for a in argv if a != "--sync"]
-        try:
-            from . import bench_sync
-        except ImportError as exc:
-            if getattr(exc, "name", None) not in ("pysbn.bench_sync", None) and \
-                    "bench_sync" not in str(exc):
-                raise
-            print("python -m pysbn bench --sync: the sync benchmark (pysbn.bench_sync) is not "
-                  "part of this build yet", file=sys.stderr)
-            return 2
-        return int(bench_sync.main(rest) or 0)
+        return int(bench_sync.main(rest, prog=f"{prog} --sync") or 0)
     a = ap.parse_args(argv)
+    if a.no_compile:
+        if a.compile not in (None, "none"):
+            ap.error("--no-compile contradicts --compile " + a.compile)
+        a.compile = "none"
+    compiled = a.compile or ("first" if a.quick else "all")
     if a.quick and not a.shapes:
         shapes, custom = list(QUICK_SHAPES), {}
     elif a.shapes:
@@ -927,12 +922,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if d == "cuda" and not torch.cuda.is_available():
             ap.error("--devices cuda: no CUDA device is available")
         if d == "cuda" and not ops.built_with_cuda():
-            ap.error("--devices cuda: this pysbn build has no CUDA (see python -m pysbn info)")
+            ap.error("--devices cuda: this pysbn build has no CUDA (see pysbn info)")
     if "cuda" in devices and not ops.built_with_cuda():
         devices.remove("cuda")
         print("note: a GPU is present but pysbn was built without CUDA: CPU rows only",
               file=sys.stderr)
-    dtypes = None
+    dtypes: Optional[Dict[str, Sequence[str]]] = None
     if a.dtypes:
         names = [d.strip() for d in a.dtypes.split(",") if d.strip()]
         for d in names:
@@ -954,7 +949,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 "max_time_s": a.max_time, "argv": argv}
     t0 = time.perf_counter()
     result = run(shapes, threads, settings, devices=devices, dtypes=dtypes, formats=formats,
-                 numerics=not a.no_numerics, memory=not a.no_memory, custom=custom)
+                 numerics=not a.no_numerics, memory=not a.no_memory, custom=custom,
+                 progress=not a.no_progress, compiled=compiled)
     result["settings"]["elapsed_s"] = time.perf_counter() - t0
     os.makedirs(a.out, exist_ok=True)
     with open(os.path.join(a.out, "bench.json"), "w") as f:
@@ -963,10 +959,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     with open(os.path.join(a.out, "bench.md"), "w") as f:
         f.write(md + "\n")
     written = ["bench.json", "bench.md"]
+    hint = None
     if not a.no_chart and result["rows"]:
-        chart(result, os.path.join(a.out, "bench.png"))
-        written.append("bench.png")
+        try:
+            write_chart(result, os.path.join(a.out, "bench.png"))
+            written.append("bench.png")
+        except ImportError as exc:  # matplotlib is optional (the bench extra)
+            hint = f"no chart: {exc.msg if hasattr(exc, 'msg') else exc}. {CHART_HINT}"
     print(md)
+    if hint:
+        print(f"\n{hint}")
     print(f"\nwrote {', '.join(os.path.join(a.out, w) for w in written)} "
           f"({result['settings']['elapsed_s']:.0f} s)")
     return 0

@@ -1,7 +1,7 @@
 # SPDX-License-Identifier: MIT
 """Sync benchmark: the cost of synchronising a layer over a torch.distributed process group.
 
-``python -m pysbn bench --sync`` (or ``pysbn.bench_sync.main([...])``). Starts 2 Gloo processes
+``pysbn bench --sync`` (or ``pysbn.tools.bench_sync.main([...])``). Starts 2 Gloo processes
 on this machine (CPU, a file rendezvous, no port) and, per shape, in both processes at once:
 
 - ``local``: the layer with no synchronisation (a process group of one member: the layer never
@@ -41,6 +41,10 @@ from typing import Dict, List, Optional, Sequence
 import torch
 import torch.distributed as dist
 
+import pysbn
+
+from ._env import environment
+
 __all__ = ["main"]
 
 SHAPES_FULL = [
@@ -69,7 +73,7 @@ def _install_counters() -> None:
             _counts[__name] = _counts.get(__name, 0) + 1
             return __fn(*args, **kwargs)
 
-        counted._pysbn_counted = True
+        setattr(counted, "_pysbn_counted", True)
         setattr(dist, name, counted)
 
 
@@ -84,8 +88,6 @@ def _summary(v: List[float]) -> dict:
 
 
 def _child(rank: int, world: int, store: str, out: str, quick: bool, threads: int) -> None:
-    import pysbn
-
     torch.set_num_threads(threads)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=120))
@@ -188,9 +190,8 @@ def _child(rank: int, world: int, store: str, out: str, quick: bool, threads: in
 
 
 def _env(threads: int, world: int) -> dict:
-    """bench's environment record (machine, caches, software, settings) plus the sync setup."""
-    from .bench import environment
-
+    """The benchmarks' environment record (machine, caches, software, settings) plus the sync
+    setup."""
     env = environment([threads])
     env.update({"backend": "gloo", "processes": world, "threads_per_process": threads})
     return env
@@ -218,9 +219,10 @@ def _table(rows: List[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """``--quick`` (small shapes, few repetitions), ``--out FILE`` (JSON). Returns 0."""
-    ap = argparse.ArgumentParser(prog="python -m pysbn bench --sync",
+def main(argv: Optional[Sequence[str]] = None, prog: str = "pysbn bench --sync") -> int:
+    """``--quick`` (small shapes, few repetitions), ``--out FILE`` (JSON). Returns the exit
+    status (0; 1 when the processes did not finish in time)."""
+    ap = argparse.ArgumentParser(prog=prog,
                                  description="Per-layer sync overhead over 2 Gloo processes "
                                  "next to the collective latency of the same payload.")
     ap.add_argument("--quick", action="store_true", help="small shapes, few repetitions")
