@@ -99,7 +99,6 @@ _SUPPORTED = "float32, float64, float16 or bfloat16"
 _CM, _CL = _core.LAYOUT_CHANNEL_MAJOR, _core.LAYOUT_CHANNELS_LAST
 _CL_FORMAT = {4: torch.channels_last, 5: torch.channels_last_3d}
 _RUNNABLE = ("cpu", "cuda") if _core.built_with_cuda() else ("cpu",)
-_NO_AFFINE = (0, 0, _core.DTYPE_FLOAT32)
 
 # ================================================================================================
 # checks (on metadata only: they run on real and on fake tensors alike)
@@ -170,9 +169,9 @@ def _vector(op: str, name: str, t: object, size, dtype: Optional[torch.dtype],
     return t
 
 
-def _check_affine(op: str, x: Tensor, c, weight, bias, names=("weight", "bias")) -> None:
+def _check_affine(op: str, x: Tensor, c, weight, bias) -> None:
     first = None
-    for name, t in zip(names, (weight, bias)):
+    for name, t in (("weight", weight), ("bias", bias)):
         if t is None:
             continue
         _vector(op, name, t, c, None, x)
@@ -313,10 +312,6 @@ def _affine(weight: Optional[Tensor], bias: Optional[Tensor], dtype: torch.dtype
 
 def _contig(t: Optional[Tensor]) -> Optional[Tensor]:
     return None if t is None else t.contiguous()
-
-
-def _empty_stats(n: int, x: Tensor) -> Tensor:
-    return torch.empty(n, dtype=STATS_DTYPE, device=x.device)
 
 
 # ================================================================================================
@@ -512,8 +507,63 @@ _register("normalize", _normalize_check, lambda x, *args: torch.empty_like(dense
 
 # ---- batch_norm_forward -------------------------------------------------------------------------
 
+def _vec_ok(t, c, dev) -> bool:
+    """A dense per-channel tensor of c values on dev (the common case of the checks)."""
+    return (type(t) in _TENSOR_TYPES and t.layout is torch.strided and t.dim() == 1
+            and t.shape[0] == c and t.device == dev)
+
+
+_TENSOR_TYPES = (Tensor, torch.nn.Parameter)
+
+
+def _common_ok(x, weight, bias, act) -> bool:
+    """The common case of an op's checks, in a few attribute reads. The detailed checks run only
+    when this is False (they raise the error that names the problem): the ops run at every
+    layer call, also from compiled graphs, where the fake kernel checked the same metadata at
+    trace time."""
+    if type(x) is not Tensor or x.layout is not torch.strided or x.dtype not in _DT \
+            or not 2 <= x.dim() <= 5 or x.device.type not in _RUNNABLE or act not in _ACT_CODES:
+        return False
+    c, dev, pdt = x.shape[1], x.device, None
+    for t in (weight, bias):
+        if t is not None:
+            if not _vec_ok(t, c, dev) or not _param_ok(x.dtype, t.dtype) or (
+                    pdt is not None and t.dtype != pdt):
+                return False
+            pdt = t.dtype
+    return True
+
+
+def _running_ok(x, running_mean, running_var, num_batches_tracked, momentum) -> bool:
+    c, dev = x.shape[1], x.device
+    if running_mean is None or running_var is None:
+        if running_mean is not running_var:
+            return False
+    elif not (_vec_ok(running_mean, c, dev) and _vec_ok(running_var, c, dev)
+              and running_mean.dtype in _DT and running_var.dtype == running_mean.dtype):
+        return False
+    t = num_batches_tracked
+    if t is not None and not (type(t) in _TENSOR_TYPES and t.dtype == torch.int64
+                              and t.numel() == 1 and t.device == dev):
+        return False
+    if momentum is None:
+        return running_mean is None or t is not None
+    return math.isfinite(momentum)
+
+
 def _forward_check(x, weight, bias, record, eps, eps_mode, act, negative_slope, running_mean,
                    running_var, num_batches_tracked, momentum) -> None:
+    if not (_common_ok(x, weight, bias, act) and eps_mode in (0, 1) and 0.0 <= eps < math.inf
+            and math.isfinite(negative_slope)
+            and _running_ok(x, running_mean, running_var, num_batches_tracked, momentum)
+            and (record is None or (_vec_ok(record, 2 * x.shape[1] + 1, x.device)
+                                    and record.dtype == STATS_DTYPE))):
+        _forward_explain(x, weight, bias, record, eps, eps_mode, act, negative_slope,
+                         running_mean, running_var, num_batches_tracked, momentum)
+
+
+def _forward_explain(x, weight, bias, record, eps, eps_mode, act, negative_slope, running_mean,
+                     running_var, num_batches_tracked, momentum) -> None:
     op = "batch_norm_forward"
     x = _check_input(op, x)
     c = x.shape[1]
@@ -635,8 +685,20 @@ _register("backward_elemt", _elemt_check, lambda grad_out, x, *args: torch.empty
           _elemt_run)
 
 
+def _backward_ok(grad_out, x, stats, weight, bias, act, negative_slope) -> bool:
+    """The common case of the backward ops' checks (see _common_ok)."""
+    return (_common_ok(x, weight, bias, act) and math.isfinite(negative_slope)
+            and type(grad_out) is Tensor and grad_out.layout is torch.strided
+            and grad_out.shape == x.shape and grad_out.dtype == x.dtype
+            and grad_out.device == x.device and _vec_ok(stats, 3 * x.shape[1] + 1, x.device)
+            and stats.dtype == STATS_DTYPE)
+
+
 def _backward_check(grad_out, x, stats, weight, bias, eps, eps_mode, act, negative_slope,
                     output_mask) -> None:
+    if _backward_ok(grad_out, x, stats, weight, bias, act, negative_slope) and eps_mode in (0, 1) \
+            and 0.0 <= eps < math.inf:
+        return
     op = "batch_norm_backward"
     _backward_common(op, grad_out, x, stats, weight, bias, act, negative_slope)
     _check_eps(op, eps, eps_mode)
