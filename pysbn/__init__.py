@@ -10,7 +10,30 @@ of a torch.distributed process group (DDP, torchrun; NCCL or Gloo), on a native 
 # runtime and the process has a single OpenMP thread pool.
 import torch  # noqa: F401  (imported for its side effect, before _core)
 
-from . import ops  # registers the op set with torch (torch.ops.pysbn.*)
+from ._version import __version__  # the one version (also the wheel's and the core's)
+
+
+def _source_folder_error(exc: ImportError) -> ImportError:
+    """The clear error for ``import pysbn`` resolving to the source folder of a checkout (the
+    working directory comes first on Python's path), which has no compiled ``_core``."""
+    import os
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    if not os.path.exists(os.path.join(here, "..", "CMakeLists.txt")):
+        return exc
+    return ImportError(
+        f"pysbn: 'import pysbn' found the source folder {here} (Python puts the working "
+        "directory first on its path), which has no compiled _core. Use the installed "
+        "package: run the `pysbn` command (pysbn demo, pysbn bench, pysbn info), or run "
+        "Python from another directory; install it first with `pip install .`")
+
+
+try:
+    from . import ops  # registers the op set with torch (torch.ops.pysbn.*)
+except ImportError as _exc:
+    if "_core" not in str(_exc):
+        raise
+    raise _source_folder_error(_exc) from _exc
 from . import functional
 from .sync import (SyncAbortedError, get_sync_check, get_sync_timeout, set_sync_check,
                    set_sync_timeout)
@@ -34,7 +57,6 @@ from .replicate import (
     patch_replication_callback,
 )
 
-from ._version import __version__  # the one version (also the wheel's and the core's)
 
 __all__ = [
     "SynchronizedBatchNorm1d",
