@@ -19,6 +19,11 @@
 // Values accumulate in acc_t<T> per thread (moments: shifted by the channel's first value,
 // corrected two-pass per batch, Chan into the thread's state); threads are merged in double
 // and every per-channel statistic is written as double (core.hpp).
+// Activations are fused as in the CPU kernels: normalize applies act(z) to z = ((x - hi) - lo)
+// * scale + shift, and backward_reduce / backward_elemt recompute z with the same expression
+// (so the same value) and use g = act'(z) * dy in place of dy. Each activation is a functor
+// type (template parameter of NormalizeOp, GradOp and BackwardElemtOp); the identity's code is
+// the code without activations (its backward forms no z). CUDA math in Acc precision.
 #include "backend.hpp"
 #include "common.hpp"
 
@@ -28,12 +33,14 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+#include <math_constants.h>
 
 #include <algorithm>
 #include <climits>
 #include <cmath>
 #include <cstdint>
 #include <string>
+#include <type_traits>
 
 namespace pysbn::cuda {
 
@@ -132,6 +139,12 @@ __device__ __forceinline__ void chan_merge(Triple& x, const Triple& y)
   }
   const double n = x.n + y.n;
   const double d = y.a - x.a;
+  if (!isfinite(d)) {  // a non-finite mean on either side: the weighted sum gives +-inf or NaN
+    x.a = (x.n * x.a + y.n * y.a) / n;  // as a plain sum would; the spread is undefined
+    x.b = CUDART_NAN;
+    x.n = n;
+    return;
+  }
   const double r = y.n / n;
   x.a += d * r;
   x.b += y.b + d * d * x.n * r;
@@ -171,15 +184,150 @@ template <typename Acc> __device__ __forceinline__ Center<Acc> split_center(doub
   return {hi, static_cast<Acc>(m - static_cast<double>(hi))};
 }
 
+// ---- activations -----------------------------------------------------------------------------
+// fwd(z) = act(z), grad(z, dy) = act'(z) * dy, torch's definitions and backward formulas
+// (ReLU's threshold_backward, LeakyReLU's and Hardswish's selects: z = NaN passes dy where torch
+// passes it), in forms that do not cancel: sigmoid(v) and sigmoid(v) (1 - sigmoid(v)) from
+// e^-|v| <= 1 (no overflow, no 1 - s), Phi(z) = erfc(-z/sqrt 2) / 2.
+
+__device__ __forceinline__ float m_exp(float v) { return expf(v); }
+__device__ __forceinline__ double m_exp(double v) { return exp(v); }
+__device__ __forceinline__ float m_erfc(float v) { return erfcf(v); }
+__device__ __forceinline__ double m_erfc(double v) { return erfc(v); }
+__device__ __forceinline__ float m_fma(float a, float b, float c) { return fmaf(a, b, c); }
+__device__ __forceinline__ double m_fma(double a, double b, double c) { return fma(a, b, c); }
+__device__ __forceinline__ float m_abs(float v) { return fabsf(v); }
+__device__ __forceinline__ double m_abs(double v) { return fabs(v); }
+
+/// s = sigmoid(v) and sq = s (1 - s): with e = e^-|v| and r = 1 / (1 + e), s = r (v >= 0) or
+/// e r (v < 0), and s (1 - s) = e r^2.
+template <typename Acc> __device__ __forceinline__ void sigmoid_pair(Acc v, Acc& s, Acc& sq)
+{
+  const Acc e = m_exp(-m_abs(v)), r = Acc(1) / (Acc(1) + e);
+  s = v < Acc(0) ? e * r : r;
+  sq = (e * r) * r;
+}
+
+/// Phi(z) and e^(-z^2/2). erfc(-t), t = z / sqrt 2 = th + tl: the rounding error tl of th
+/// would cost |z|^2 ulp in the left tail; erfc(-th - tl) = erfc(-th) + tl 2/sqrt(pi) e^(-th^2)
+/// to first order. Likewise e^-(z^2/2) from the exact square hh + hl. No corrections at inf.
+template <typename Acc> __device__ __forceinline__ void normal_parts(Acc z, Acc& cdf, Acc& e)
+{
+  // 1/sqrt 2 = k_hi + k_lo: for double the low part of the double; for float, of the float
+  constexpr double kInvSqrt2 = 0.70710678118654757, kInvSqrt2Lo = -4.8336466567264567e-17;
+  const Acc k_hi = Acc(kInvSqrt2);
+  const Acc k_lo = sizeof(Acc) == sizeof(double) ? Acc(kInvSqrt2Lo)
+                                                 : Acc((kInvSqrt2 - static_cast<double>(k_hi)) + kInvSqrt2Lo);
+  const Acc th = z * k_hi, h = Acc(0.5) * z, hh = h * z;
+  const bool finite = isfinite(hh);
+  const Acc tl = finite ? m_fma(z, k_hi, -th) + z * k_lo : Acc(0);
+  const Acc hl = finite ? m_fma(h, z, -hh) : Acc(0);
+  e = m_exp(-hh) * (Acc(1) - hl);
+  cdf = Acc(0.5) * m_erfc(-th) + tl * (m_exp(-th * th) * Acc(0.56418958354775628695));
+}
+
+template <typename Acc> struct ActIdentity {
+  static constexpr bool kIdentity = true;
+  __device__ __forceinline__ Acc fwd(Acc z) const { return z; }
+  __device__ __forceinline__ Acc grad(Acc, Acc dy) const { return dy; }
+};
+
+template <typename Acc> struct ActReLU {
+  static constexpr bool kIdentity = false;
+  __device__ __forceinline__ Acc fwd(Acc z) const { return z < Acc(0) ? Acc(0) : z; }  // NaN stays
+  __device__ __forceinline__ Acc grad(Acc z, Acc dy) const { return z <= Acc(0) ? Acc(0) : dy; }
+};
+
+template <typename Acc> struct ActLeakyReLU {
+  static constexpr bool kIdentity = false;
+  Acc slope;
+  __device__ __forceinline__ Acc fwd(Acc z) const { return z > Acc(0) ? z : z * slope; }
+  __device__ __forceinline__ Acc grad(Acc z, Acc dy) const { return z > Acc(0) ? dy : dy * slope; }
+};
+
+/// z sigmoid(z); act' = s + z s (1 - s).
+template <typename Acc> struct ActSiLU {
+  static constexpr bool kIdentity = false;
+  __device__ __forceinline__ Acc fwd(Acc z) const
+  {
+    Acc s, sq;
+    sigmoid_pair(z, s, sq);
+    return z * s;
+  }
+  __device__ __forceinline__ Acc grad(Acc z, Acc dy) const
+  {
+    Acc s, sq;
+    sigmoid_pair(z, s, sq);
+    return dy * (s + z * sq);
+  }
+};
+
+/// z Phi(z); act' = Phi(z) + z phi(z).
+template <typename Acc> struct ActGELU {
+  static constexpr bool kIdentity = false;
+  __device__ __forceinline__ Acc fwd(Acc z) const
+  {
+    Acc cdf, e;
+    normal_parts(z, cdf, e);
+    return z * cdf;
+  }
+  __device__ __forceinline__ Acc grad(Acc z, Acc dy) const
+  {
+    Acc cdf, e;
+    normal_parts(z, cdf, e);
+    return dy * (cdf + z * (e * Acc(0.39894228040143267794)));
+  }
+};
+
+/// 0.5 z (1 + tanh u) = z sigmoid(2u), u = k (z + 0.044715 z^3), k = sqrt(2/pi); act' (torch's
+/// gelu_backward, tanh) = 0.5 (1 + t) + 0.5 z (1 - t^2) k (1 + 3 * 0.044715 z^2) with 1 + t = 2 s,
+/// 1 - t^2 = 4 s (1 - s).
+template <typename Acc> struct ActGELUTanh {
+  static constexpr bool kIdentity = false;
+  __device__ __forceinline__ Acc fwd(Acc z) const
+  {
+    const Acc beta = Acc(0.79788456080286535588), kappa = Acc(0.044715);
+    Acc s, sq;
+    sigmoid_pair(Acc(2) * (beta * (z + kappa * (z * z * z))), s, sq);
+    return z * s;
+  }
+  __device__ __forceinline__ Acc grad(Acc z, Acc dy) const
+  {
+    const Acc beta = Acc(0.79788456080286535588), kappa = Acc(0.044715);
+    const Acc zz = z * z;
+    Acc s, sq;
+    sigmoid_pair(Acc(2) * (beta * (z + kappa * (zz * z))), s, sq);
+    return dy * (s + Acc(2) * z * sq * (beta * (Acc(1) + Acc(3) * kappa * zz)));
+  }
+};
+
+/// z * min(max(z + 3, 0), 6) / 6; act' 0 below -3, z/3 + 1/2 on [-3, 3], 1 above.
+template <typename Acc> struct ActHardswish {
+  static constexpr bool kIdentity = false;
+  __device__ __forceinline__ Acc fwd(Acc z) const
+  {
+    Acc t = z + Acc(3);
+    t = t < Acc(0) ? Acc(0) : t;
+    t = Acc(6) < t ? Acc(6) : t;
+    return z * t / Acc(6);
+  }
+  __device__ __forceinline__ Acc grad(Acc z, Acc dy) const
+  {
+    return z < Acc(-3) ? Acc(0) : (z <= Acc(3) ? dy * (z / Acc(3) + Acc(0.5)) : dy);
+  }
+};
+
 // ---- reduction ops ---------------------------------------------------------------------------
 // An op folds a batch of K values of one channel (`valid` of them present) into a per-thread
 // State, widens the State to a Triple, merges Triples, and writes a channel's result.
-// `center(args, c, first)` gives the op's per-channel centre (first = the channel's first value).
+// `center(args, c, first)` gives the op's per-channel centre, of type Op::Ctr (first = the
+// channel's first value).
 
 /// Sums pairwise-ish: a batch in Acc, batches into a double per thread, threads in double.
 template <typename Acc> struct SumOp {
   static constexpr int kInputs = 1;
   static constexpr bool kNeedsFirst = false;
+  using Ctr = Center<Acc>;
   struct Args {
     double* out;
   };
@@ -214,6 +362,7 @@ template <typename Acc> struct SumOp {
 template <typename Acc> struct MomentsOp {
   static constexpr int kInputs = 1;
   static constexpr bool kNeedsFirst = true;
+  using Ctr = Center<Acc>;
   struct Args {
     double* stats;
     int64_t c;
@@ -224,7 +373,9 @@ template <typename Acc> struct MomentsOp {
   };
   static __device__ __forceinline__ Center<Acc> center(const Args&, int64_t, Acc first)
   {
-    return {first, Acc(0)};
+    // A non-finite first value would turn every x - first into NaN: no shift then, and the
+    // channel's mean comes out +-inf or NaN as a plain sum's does (nn.BatchNorm's).
+    return {isfinite(first) ? first : Acc(0), Acc(0)};
   }
   template <int K>
   static __device__ __forceinline__ void add(State& st, const Acc (&x)[K], const Acc (&)[K], int valid,
@@ -240,6 +391,13 @@ template <typename Acc> struct MomentsOp {
     const Acc kb = static_cast<Acc>(valid);
     const Acc inv = Acc(1) / kb;
     const Acc mb0 = sum * inv;
+    if (!isfinite(mb0)) {  // +-inf or NaN in the batch: merged as a weighted sum (see chan_merge)
+      const Acc n = st.n + kb;
+      st.mean = (st.n * st.mean + kb * mb0) / n;
+      st.m2 = static_cast<Acc>(CUDART_NAN);
+      st.n = n;
+      return;
+    }
     Acc s = 0, q = 0;
 #pragma unroll
     for (int i = 0; i < K; ++i) {
@@ -255,6 +413,11 @@ template <typename Acc> struct MomentsOp {
     const Acc n = st.n + kb;
     const Acc r = kb / n;
     const Acc d = mb - st.mean;
+    if (!isfinite(d)) {  // the state's mean is +-inf or NaN
+      st.mean = (st.n * st.mean + kb * mb) / n;
+      st.n = n;
+      return;
+    }
     st.mean += d * r;
     st.m2 += m2b + d * d * st.n * r;
     st.n = n;
@@ -270,10 +433,20 @@ template <typename Acc> struct MomentsOp {
   }
 };
 
-/// backward_reduce: sum_dy and sum_dy_xmu; input 0 is dy, input 1 is x.
-template <typename Acc> struct GradOp {
+/// z's coefficients next to the split mean, z = ((x - hi) - lo) * scale + shift, and the
+/// activation (the reduction kernels hand the centre to add()).
+template <typename Acc, class F> struct ZCenter {
+  Center<Acc> mean;
+  Acc scale = 0, shift = 0;
+  F act;
+};
+
+/// backward_reduce: sums of g and g * (x - mean), g = act'(z) * dy (dy for the identity);
+/// input 0 is dy, input 1 is x.
+template <typename Acc, class F> struct GradOp {
   static constexpr int kInputs = 2;
   static constexpr bool kNeedsFirst = false;
+  using Ctr = ZCenter<Acc, F>;
   struct Args {
     const double* mean;
     const double* invstd;
@@ -282,24 +455,41 @@ template <typename Acc> struct GradOp {
     void* grad_bias;
     DType pd;
     int64_t c;
+    const void* weight;  // z's affine parameters (read with an activation only)
+    const void* bias;
+    DType apd;
+    F act;
   };
   struct State {
     double s_dy = 0.0, s_dy_xmu = 0.0;
   };
-  static __device__ __forceinline__ Center<Acc> center(const Args& a, int64_t c, Acc)
+  static __device__ __forceinline__ Ctr center(const Args& a, int64_t c, Acc)
   {
-    return split_center<Acc>(a.mean[c]);
+    Ctr k{split_center<Acc>(a.mean[c]), Acc(0), Acc(0), a.act};
+    if constexpr (!F::kIdentity) {  // as NormalizeOp::coef forms them
+      const double w = a.weight != nullptr ? load_param<double>(a.weight, a.apd, c) : 1.0;
+      k.scale = static_cast<Acc>(a.invstd[c] * w);
+      k.shift = static_cast<Acc>(a.bias != nullptr ? load_param<double>(a.bias, a.apd, c) : 0.0);
+    }
+    return k;
   }
   template <int K>
   static __device__ __forceinline__ void add(State& st, const Acc (&dy)[K], const Acc (&x)[K], int valid,
-                                             const Center<Acc>& mean)
+                                             const Ctr& k)
   {
     Acc s0 = 0, s1 = 0;
 #pragma unroll
     for (int i = 0; i < K; ++i) {
       if (i < valid) {
-        s0 += dy[i];
-        s1 += dy[i] * ((x[i] - mean.hi) - mean.lo);
+        if constexpr (F::kIdentity) {
+          s0 += dy[i];
+          s1 += dy[i] * ((x[i] - k.mean.hi) - k.mean.lo);
+        } else {
+          const Acc xm = (x[i] - k.mean.hi) - k.mean.lo;
+          const Acc g = k.act.grad(xm * k.scale + k.shift, dy[i]);
+          s0 += g;
+          s1 += g * xm;
+        }
       }
     }
     st.s_dy += s0;
@@ -312,7 +502,7 @@ template <typename Acc> struct GradOp {
     x.b += y.b;
   }
   static __device__ __forceinline__ void write_once(const Args&) {}
-  static __device__ __forceinline__ void write(const Args& a, int64_t c, const Triple& t, const Center<Acc>&)
+  static __device__ __forceinline__ void write(const Args& a, int64_t c, const Triple& t, const Ctr&)
   {
     a.sums[c] = t.a;
     a.sums[a.c + c] = t.b;
@@ -324,9 +514,9 @@ template <typename Acc> struct GradOp {
 // ---- elementwise ops -------------------------------------------------------------------------
 // Coefficients are formed in double from the double statistics, then rounded to Acc once.
 
-/// y = ((x - hi) - lo) * (invstd * w) + b; input 0 is x. (x - mean) first: x * scale +
+/// y = act(((x - hi) - lo) * (invstd * w) + b); input 0 is x. (x - mean) first: x * scale +
 /// (b - mean * scale) would cancel catastrophically at |mean| >> std.
-template <typename Acc> struct NormalizeOp {
+template <typename Acc, class F> struct NormalizeOp {
   static constexpr int kInputs = 1;
   struct Args {
     const double* mean;
@@ -334,27 +524,30 @@ template <typename Acc> struct NormalizeOp {
     const void* weight;
     const void* bias;
     DType pd;
+    F act;
   };
   struct Coef {
     Center<Acc> mean;
     Acc scale, shift;
+    F act;
   };
   static __device__ __forceinline__ Coef coef(const Args& a, int64_t c)
   {
     const double w = a.weight != nullptr ? load_param<double>(a.weight, a.pd, c) : 1.0;
     const double b = a.bias != nullptr ? load_param<double>(a.bias, a.pd, c) : 0.0;
-    return {split_center<Acc>(a.mean[c]), static_cast<Acc>(a.invstd[c] * w), static_cast<Acc>(b)};
+    return {split_center<Acc>(a.mean[c]), static_cast<Acc>(a.invstd[c] * w), static_cast<Acc>(b), a.act};
   }
   static __device__ __forceinline__ Acc apply(const Coef& k, Acc x, Acc)
   {
-    return ((x - k.mean.hi) - k.mean.lo) * k.scale + k.shift;
+    return k.act.fwd(((x - k.mean.hi) - k.mean.lo) * k.scale + k.shift);
   }
 };
 
-/// dx = (dy - sum_dy/n - (x - mean) * invstd^2 * sum_dy_xmu/n) * invstd * w; input 0 is dy,
-/// input 1 is x. n is read from device memory (no host sync); n == 0 (no elements anywhere)
-/// writes dx = 0 rather than leaving it undefined.
-template <typename Acc> struct BackwardElemtOp {
+/// dx = (g - sum_dy/n - (x - mean) * invstd^2 * sum_dy_xmu/n) * invstd * w, g = act'(z) * dy
+/// with z formed as NormalizeOp forms it (g = dy for the identity); input 0 is dy, input 1 is x.
+/// n is read from device memory (no host sync); n == 0 (no elements anywhere) writes dx = 0
+/// rather than leaving it undefined.
+template <typename Acc, class F> struct BackwardElemtOp {
   static constexpr int kInputs = 2;
   struct Args {
     const double* mean;
@@ -366,25 +559,53 @@ template <typename Acc> struct BackwardElemtOp {
     int64_t c;
     const double* clamp_m2;  // eps mode Clamp: the record's m2 (else null)
     double eps;
+    const void* bias;  // z's shift (read with an activation only)
+    F act;
   };
-  struct Coef {
+  struct CoefIdentity {
     Center<Acc> mean;
     Acc mean_dy, k_xmu, scale;
   };
+  struct CoefAct {
+    Center<Acc> mean;
+    Acc mean_dy, k_xmu, scale, shift;  // scale is also z's: invstd * w
+    F act;
+  };
+  // The identity keeps the coefficients it had (a larger struct changed the double kernels' code).
+  using Coef = std::conditional_t<F::kIdentity, CoefIdentity, CoefAct>;
   static __device__ __forceinline__ Coef coef(const Args& a, int64_t c)
   {
     const double n = *a.count;
-    if (!(n > 0.0)) { return {Center<Acc>{}, Acc(0), Acc(0), Acc(0)}; }
+    if (!(n > 0.0)) {
+      if constexpr (F::kIdentity) {
+        return {Center<Acc>{}, Acc(0), Acc(0), Acc(0)};
+      } else {
+        return {Center<Acc>{}, Acc(0), Acc(0), Acc(0), Acc(0), a.act};
+      }
+    }
     const double is = a.invstd[c];
     const double w = a.weight != nullptr ? load_param<double>(a.weight, a.pd, c) : 1.0;
     // Eps mode Clamp: a channel with var < eps has invstd = 1/sqrt(eps): no variance term.
     const bool clamped = a.clamp_m2 != nullptr && a.clamp_m2[c] / n < a.eps;
-    return {split_center<Acc>(a.mean[c]), static_cast<Acc>(a.sums[c] / n),
-            static_cast<Acc>(clamped ? 0.0 : is * is * a.sums[a.c + c] / n), static_cast<Acc>(is * w)};
+    if constexpr (F::kIdentity) {
+      return {split_center<Acc>(a.mean[c]), static_cast<Acc>(a.sums[c] / n),
+              static_cast<Acc>(clamped ? 0.0 : is * is * a.sums[a.c + c] / n), static_cast<Acc>(is * w)};
+    } else {
+      const double b = a.bias != nullptr ? load_param<double>(a.bias, a.pd, c) : 0.0;
+      return {split_center<Acc>(a.mean[c]), static_cast<Acc>(a.sums[c] / n),
+              static_cast<Acc>(clamped ? 0.0 : is * is * a.sums[a.c + c] / n), static_cast<Acc>(is * w),
+              static_cast<Acc>(b), a.act};
+    }
   }
   static __device__ __forceinline__ Acc apply(const Coef& k, Acc dy, Acc x)
   {
-    return (dy - k.mean_dy - ((x - k.mean.hi) - k.mean.lo) * k.k_xmu) * k.scale;
+    if constexpr (F::kIdentity) {
+      return (dy - k.mean_dy - ((x - k.mean.hi) - k.mean.lo) * k.k_xmu) * k.scale;
+    } else {
+      const Acc xm = (x - k.mean.hi) - k.mean.lo;
+      const Acc g = k.act.grad(xm * k.scale + k.shift, dy);
+      return (g - k.mean_dy - xm * k.k_xmu) * k.scale;
+    }
   }
 };
 
@@ -412,7 +633,7 @@ __global__ void __launch_bounds__(kReduceThreads)
   for (int64_t c = blockIdx.x; c < n_ch; c += gridDim.x) {
     Acc first = 0;
     if constexpr (Op::kNeedsFirst) { first = to_acc(a[c * lv].v[0]); }
-    const Center<Acc> cc = Op::center(args, c, first);
+    const typename Op::Ctr cc = Op::center(args, c, first);
     typename Op::State st;
     int64_t n = n_start, l = l_start;
     while (n < n_rows) {
@@ -480,7 +701,7 @@ __global__ void __launch_bounds__(kReduceThreads)
     const int64_t col = col0 + tx;
     const bool active = col < cols;
     typename Op::State st[V];
-    Center<Acc> cc[V];
+    typename Op::Ctr cc[V];
     if (active) {
       Acc first[V];
 #pragma unroll
@@ -864,10 +1085,19 @@ struct StatsParts {
   StatsParts(const double* stats, int64_t c) : count(stats), mean(stats + 1), m2(stats + 1 + c), invstd(stats + 1 + 2 * c) {}
 };
 
-// Temporary: the activations other than Identity come with their kernels.
-void identity_only(const char* op, const Act& act)
+/// Calls f(functor) for the activation `act` in the accumulation type Acc.
+template <typename Acc, typename F> void dispatch_act(const Act& act, F&& f)
 {
-  PYSBN_EXPECTS(act.kind == Activation::Identity, std::string(op) + ": activation not available yet");
+  switch (act.kind) {
+    case Activation::Identity: f(ActIdentity<Acc>{}); return;
+    case Activation::ReLU: f(ActReLU<Acc>{}); return;
+    case Activation::LeakyReLU: f(ActLeakyReLU<Acc>{static_cast<Acc>(act.negative_slope)}); return;
+    case Activation::SiLU: f(ActSiLU<Acc>{}); return;
+    case Activation::GELU: f(ActGELU<Acc>{}); return;
+    case Activation::GELUTanh: f(ActGELUTanh<Acc>{}); return;
+    case Activation::Hardswish: f(ActHardswish<Acc>{}); return;
+  }
+  PYSBN_FAIL("unsupported activation");  // unreachable: check_act ran
 }
 
 }  // namespace
@@ -936,15 +1166,17 @@ void normalize(const TensorView& x, const double* stats, const Affine& affine, c
                const Exec& exec)
 {
   constexpr const char* op = "normalize";
-  identity_only(op, act);
   const Geometry& g = x.geometry;
   const StatsParts sp(stats, g.c);
   const cudaStream_t s = as_stream(exec.stream);
   dispatch(x.dtype, [&](auto tag) {
     using T = decltype(tag);
     using Acc = acc_t<T>;
-    typename NormalizeOp<Acc>::Args args{sp.mean, sp.invstd, affine.weight, affine.bias, affine.dtype};
-    run_elementwise<NormalizeOp<Acc>, T>(op, static_cast<const T*>(x.data), nullptr, static_cast<T*>(y), g, args, s);
+    dispatch_act<Acc>(act, [&](auto fn) {
+      using Op = NormalizeOp<Acc, decltype(fn)>;
+      typename Op::Args args{sp.mean, sp.invstd, affine.weight, affine.bias, affine.dtype, fn};
+      run_elementwise<Op, T>(op, static_cast<const T*>(x.data), nullptr, static_cast<T*>(y), g, args, s);
+    });
   });
 }
 
@@ -952,8 +1184,6 @@ void backward_reduce(const TensorView& x, const void* dy, const double* stats, c
                      double* sums, const AffineGrad& grad, const Exec& exec)
 {
   constexpr const char* op = "backward_reduce";
-  identity_only(op, act);
-  (void)affine;
   const Geometry& g = x.geometry;
   if (g.c == 0) { return; }
   const cudaStream_t s = as_stream(exec.stream);
@@ -967,8 +1197,12 @@ void backward_reduce(const TensorView& x, const void* dy, const double* stats, c
   dispatch(x.dtype, [&](auto tag) {
     using T = decltype(tag);
     using Acc = acc_t<T>;
-    typename GradOp<Acc>::Args args{sp.mean, sp.invstd, sums, grad.weight, grad.bias, grad.dtype, g.c};
-    run_reduce<GradOp<Acc>, T>(op, static_cast<const T*>(dy), static_cast<const T*>(x.data), g, args, s);
+    dispatch_act<Acc>(act, [&](auto fn) {
+      using Op = GradOp<Acc, decltype(fn)>;
+      typename Op::Args args{sp.mean, sp.invstd, sums, grad.weight, grad.bias, grad.dtype, g.c,
+                             affine.weight, affine.bias, affine.dtype, fn};
+      run_reduce<Op, T>(op, static_cast<const T*>(dy), static_cast<const T*>(x.data), g, args, s);
+    });
   });
 }
 
@@ -976,17 +1210,19 @@ void backward_elemt(const TensorView& x, const void* dy, const double* stats, do
                     const Affine& affine, const Act& act, const double* sums, void* dx, const Exec& exec)
 {
   constexpr const char* op = "backward_elemt";
-  identity_only(op, act);
   const Geometry& g = x.geometry;
   const StatsParts sp(stats, g.c);
   const cudaStream_t s = as_stream(exec.stream);
   dispatch(x.dtype, [&](auto tag) {
     using T = decltype(tag);
     using Acc = acc_t<T>;
-    typename BackwardElemtOp<Acc>::Args args{sp.mean, sp.invstd, affine.weight, affine.dtype, sums, sp.count, g.c,
-                                             mode == EpsMode::Clamp ? sp.m2 : nullptr, eps};
-    run_elementwise<BackwardElemtOp<Acc>, T>(op, static_cast<const T*>(dy), static_cast<const T*>(x.data),
-                                             static_cast<T*>(dx), g, args, s);
+    dispatch_act<Acc>(act, [&](auto fn) {
+      using Op = BackwardElemtOp<Acc, decltype(fn)>;
+      typename Op::Args args{sp.mean, sp.invstd, affine.weight, affine.dtype, sums, sp.count, g.c,
+                             mode == EpsMode::Clamp ? sp.m2 : nullptr, eps, affine.bias, fn};
+      run_elementwise<Op, T>(op, static_cast<const T*>(dy), static_cast<const T*>(x.data), static_cast<T*>(dx), g,
+                             args, s);
+    });
   });
 }
 

@@ -12,6 +12,8 @@
 #include <gtest/gtest.h>
 #include <pysbn/core.hpp>
 
+#include "act_reference.hpp"
+
 #include <algorithm>
 #include <array>
 #include <cctype>
@@ -1015,6 +1017,662 @@ TEST_P(CpuOps, BatchNormBackwardIsTheComposedOps)
 
 INSTANTIATE_TEST_SUITE_P(Shapes, CpuOps, ::testing::ValuesIn(op_cases()), op_case_name);
 
+// ---- fused activations --------------------------------------------------------------------------
+// Every activation through normalize, backward_reduce, backward_elemt and the composites, against
+// act_reference.hpp in long double: z = (x - mean) * invstd * w + b from the same rounded inputs.
+// The tolerances are a few units of the accumulation type's roundoff relative to the terms of
+// each result, plus what an error in z (a few roundoffs of z's terms, s_z) does to it: act'(z)
+// s_z for y, act''(z) s_z for g = act'(z) dy, and the whole jump of act' for an element whose z
+// lies within that error of a kink (ReLU, LeakyReLU at 0, Hardswish at -3 and 3).
+
+/// Tolerance of an elementwise result `ref` stored as t, computed in t's accumulation type from
+/// terms of total magnitude `scale` (which includes |ref|'s own terms): 8 roundoffs of the
+/// accumulation type, plus half an ulp of t for float16/bfloat16 (the output's rounding).
+double tol_act(DType t, double ref, double scale)
+{
+  double tol = 8.0 * unit_roundoff(pysbn::acc_dtype(t)) * (std::fabs(ref) + scale) + kTiny;
+  if (t == DType::Float16 || t == DType::BFloat16) { tol += 0.5 * ulp_of(t, ref); }
+  return tol;
+}
+
+struct ActCase {
+  OpCase op;
+  Activation act;
+};
+
+std::ostream& operator<<(std::ostream& os, const ActCase& p) { return os << act_ref::name(p.act) << " " << p.op; }
+
+std::string act_case_name(const ::testing::TestParamInfo<ActCase>& info)
+{
+  return std::string(act_ref::name(info.param.act)) + "_" +
+         op_case_name(::testing::TestParamInfo<OpCase>(info.param.op, info.index));
+}
+
+/// Odd shapes for every dtype / param dtype pair and layout; a few threaded ones (N*C*L >= 32768:
+/// channel-major planes, channels-last row blocks, the chunked second passes).
+std::vector<ActCase> act_cases(bool wide_types_only)
+{
+  const std::vector<std::array<int64_t, 3>> small = {{1, 1, 1},   {2, 3, 5},  {7, 1, 13},
+                                                     {13, 24, 1}, {6, 17, 23}, {4, 9, 130}};
+  const std::vector<std::array<int64_t, 3>> big = {{3, 40, 350}, {2500, 17, 1}};
+  std::vector<ActCase> out;
+  for (Activation a : act_ref::kAll) {
+    for (const auto& dp : all_combos()) {
+      const bool wide = dp[0] == DType::Float32 || dp[0] == DType::Float64;
+      if (wide_types_only && !wide) { continue; }
+      const bool big_too = wide || (dp[0] == DType::Float16 && dp[1] == DType::Float32);
+      for (Layout lay : {Layout::ChannelMajor, Layout::ChannelsLast}) {
+        for (const auto& s : small) { out.push_back({{dp[0], dp[1], lay, s[0], s[1], s[2]}, a}); }
+        if (!big_too) { continue; }
+        for (const auto& s : big) { out.push_back({{dp[0], dp[1], lay, s[0], s[1], s[2]}, a}); }
+        if (dp[0] == DType::Float32) { out.push_back({{dp[0], dp[1], lay, 8, 16, 4100}, a}); }
+      }
+    }
+  }
+  return out;
+}
+
+class ActOps : public ::testing::TestWithParam<ActCase> {
+ protected:
+  void SetUp() override
+  {
+    const OpCase& p = GetParam().op;
+    g_ = Geometry{p.n, p.c, p.l, p.layout};
+    act_ = Act{GetParam().act, 0.1};
+    slope_ = act_ref::slope_in(act_, p.dtype);
+    ua_ = unit_roundoff(pysbn::acc_dtype(p.dtype));
+    ra_ = rtol_acc(pysbn::acc_dtype(p.dtype));
+    rng_.seed(seed_of(p) + 7919u * static_cast<uint32_t>(GetParam().act));
+    std::uniform_real_distribution<double> mu(-3.0, 3.0), sd(0.25, 2.0);
+    std::vector<double> mus(static_cast<size_t>(p.c)), sds(static_cast<size_t>(p.c));
+    for (int64_t c = 0; c < p.c; ++c) {
+      mus[static_cast<size_t>(c)] = mu(rng_);
+      sds[static_cast<size_t>(c)] = sd(rng_);
+    }
+    x_ = random_input(p.dtype, g_, rng_, mus, sds);
+    dy_ = random_input(p.dtype, g_, rng_, std::vector<double>(mus.size(), 0.0), std::vector<double>(mus.size(), 1.0));
+    // z = xhat * w + b over about [-5, 5]: both sides of every kink, the tails of the smooth ones
+    w_ = random_uniform(p.param, p.c, rng_, 0.5, 2.0, true);
+    b_ = random_uniform(p.param, p.c, rng_, -1.5, 1.5);
+    ref_ = ref_stats(x_, g_);
+    mean_.resize(static_cast<size_t>(p.c));
+    invstd_.resize(static_cast<size_t>(p.c));
+    m2_.resize(static_cast<size_t>(p.c));
+    for (size_t c = 0; c < mean_.size(); ++c) {
+      mean_[c] = static_cast<double>(ref_.mean[c]);
+      m2_[c] = static_cast<double>(ref_.m2[c]);
+      const ld var = ref_.count ? ref_.m2[c] / static_cast<ld>(ref_.count) : 0.0L;
+      invstd_[c] = static_cast<double>(1.0L / std::sqrt(var + 1e-5L));
+    }
+    stats_ = make_stats(static_cast<double>(ref_.count), mean_, nans(p.c), invstd_);
+  }
+
+  TensorView xv() const { return TensorView{x_.data(), GetParam().op.dtype, g_}; }
+  Affine affine(bool on = true) const
+  {
+    return on ? Affine{w_.data(), b_.data(), GetParam().op.param} : Affine{nullptr, nullptr, GetParam().op.param};
+  }
+
+  /// z of element i (channel c) from the statistics `mean`, `invstd`, and s_z, its terms.
+  struct Z {
+    ld z, xm, s;
+  };
+  Z z_of(int64_t c, int64_t i, const double* mean, const double* invstd, bool with_affine = true) const
+  {
+    const ld xm = static_cast<ld>(x_.get(i)) - mean[c];
+    const ld t = xm * invstd[c] * (with_affine ? w_.get(c) : 1.0);
+    const ld b = with_affine ? b_.get(c) : 0.0;
+    return {t + b, xm, std::fabs(t) + std::fabs(b)};
+  }
+
+  /// The error bound of the kernel's g = act'(z) dy: its rounding, what the error in z does
+  /// through act'', and a whole jump of act' for z within that error of a kink.
+  double g_err(ld z, ld s_z, ld dy) const
+  {
+    const act_ref::Value v = act_ref::eval(act_.kind, slope_, z);
+    const ld dz = 8.0L * ua_ * s_z;
+    ld dist, jump;
+    act_ref::kink(act_.kind, slope_, z, dist, jump);
+    const ld kink = dist <= dz + 1e-300L ? jump * std::fabs(dy) : 0.0L;
+    return static_cast<double>(8.0L * ua_ * std::fabs(dy) * (v.dterms + std::fabs(v.d2) * s_z) + kink);
+  }
+
+  Geometry g_;
+  Act act_;
+  ld slope_ = 0;
+  double ua_ = 0, ra_ = 0;
+  std::mt19937 rng_;
+  Buf x_, dy_, w_, b_;
+  RefStats ref_;
+  std::vector<double> mean_, invstd_, m2_, stats_;
+};
+
+/// y = act(z) with and without the affine parameters; then batch_norm_forward: its statistics
+/// against the two-pass reference and y against act(z) of those statistics.
+TEST_P(ActOps, ForwardMatchesLongDoubleReference)
+{
+  const OpCase& p = GetParam().op;
+  for (bool with_affine : {true, false}) {
+    SCOPED_TRACE(with_affine ? "weight and bias" : "no affine");
+    std::vector<double> ref(static_cast<size_t>(numel(g_))), tol(ref.size());
+    for_each_element(g_, [&](int64_t c, int64_t i) {
+      const Z z = z_of(c, i, mean_.data(), invstd_.data(), with_affine);
+      const act_ref::Value v = act_ref::eval(act_.kind, slope_, z.z);
+      ref[static_cast<size_t>(i)] = static_cast<double>(v.y);
+      tol[static_cast<size_t>(i)] = tol_act(p.dtype, static_cast<double>(v.y), static_cast<double>(std::fabs(v.d) * z.s));
+    });
+    for (int t : kThreads) {
+      SCOPED_TRACE("num_threads=" + std::to_string(t));
+      Buf y(p.dtype, numel(g_));
+      y.poison();
+      pysbn::normalize(xv(), stats_.data(), affine(with_affine), act_, y.data(), cpu_exec(t));
+      expect_near_all("normalize", y.values(), ref, tol);
+    }
+  }
+  for (EpsMode mode : {EpsMode::Plus, EpsMode::Clamp}) {
+    SCOPED_TRACE(mode == EpsMode::Plus ? "batch_norm_forward, Plus" : "batch_norm_forward, Clamp");
+    for (int t : {1, 3}) {
+      SCOPED_TRACE("num_threads=" + std::to_string(t));
+      std::vector<double> st = nans(pysbn::stats_size(p.c));
+      Buf y(p.dtype, numel(g_));
+      y.poison();
+      pysbn::batch_norm_forward(xv(), nullptr, 1e-3, mode, affine(), act_, st.data(), y.data(), RunningStats{},
+                                cpu_exec(t));
+      expect_near_all("stats", slice(st, 0, pysbn::record_size(p.c)), moments_ref(ref_),
+                      moments_tol(ref_, pysbn::acc_dtype(p.dtype)));
+      const std::vector<double> mean = stats_mean(st, p.c), invstd = stats_invstd(st, p.c);
+      std::vector<double> ref(static_cast<size_t>(numel(g_))), tol(ref.size());
+      for_each_element(g_, [&](int64_t c, int64_t i) {
+        const Z z = z_of(c, i, mean.data(), invstd.data());
+        const act_ref::Value v = act_ref::eval(act_.kind, slope_, z.z);
+        ref[static_cast<size_t>(i)] = static_cast<double>(v.y);
+        tol[static_cast<size_t>(i)] =
+          tol_act(p.dtype, static_cast<double>(v.y), static_cast<double>(std::fabs(v.d) * z.s));
+      });
+      expect_near_all("y", y.values(), ref, tol);
+    }
+  }
+}
+
+/// backward_reduce (sums, grad_weight, grad_bias) and backward_elemt (global sums and count),
+/// g = act'(z) dy with z from the statistics and the affine parameters.
+TEST_P(ActOps, BackwardMatchesLongDoubleReference)
+{
+  const OpCase& p = GetParam().op;
+  const auto C = static_cast<size_t>(p.c);
+  std::vector<ld> s1(C, 0.0L), s2(C, 0.0L);
+  std::vector<double> t1(C, 0.0), t2(C, 0.0);
+  for_each_element(g_, [&](int64_t c, int64_t i) {
+    const auto cc = static_cast<size_t>(c);
+    const Z z = z_of(c, i, mean_.data(), invstd_.data());
+    const ld dy = dy_.get(i), g = act_ref::grad(act_.kind, slope_, z.z, dy);
+    const double err = g_err(z.z, z.s, dy);
+    s1[cc] += g;
+    s2[cc] += g * z.xm;
+    t1[cc] += ra_ * static_cast<double>(std::fabs(g)) + err;
+    t2[cc] += static_cast<double>(ra_ * std::fabs(g * z.xm) + err * std::fabs(z.xm));
+  });
+  std::vector<double> ref(2 * C), tol(2 * C), gw_ref(C), gw_tol(C), gb_ref(C), gb_tol(C);
+  for (size_t c = 0; c < C; ++c) {
+    ref[c] = static_cast<double>(s1[c]);
+    tol[c] = t1[c] + kTiny;
+    ref[C + c] = static_cast<double>(s2[c]);
+    tol[C + c] = t2[c] + kTiny;
+    gw_ref[c] = static_cast<double>(s2[c] * static_cast<ld>(invstd_[c]));
+    gw_tol[c] = tol[C + c] * invstd_[c] + tol_out(p.param, gw_ref[c], 0.0);
+    gb_ref[c] = ref[c];
+    gb_tol[c] = tol[c] + tol_out(p.param, gb_ref[c], 0.0);
+  }
+  for (int t : kThreads) {
+    SCOPED_TRACE("backward_reduce, num_threads=" + std::to_string(t));
+    std::vector<double> sums = nans(pysbn::sums_size(p.c));
+    Buf gw(p.param, p.c), gb(p.param, p.c);
+    gw.poison();
+    gb.poison();
+    pysbn::backward_reduce(xv(), dy_.data(), stats_.data(), affine(), act_, sums.data(),
+                           AffineGrad{gw.data(), gb.data(), p.param}, cpu_exec(t));
+    expect_near_all("sums", sums, ref, tol);
+    expect_near_all("grad_weight", gw.values(), gw_ref, gw_tol);
+    expect_near_all("grad_bias", gb.values(), gb_ref, gb_tol);
+  }
+
+  // backward_elemt with global sums and count, as after a sync
+  const double count = static_cast<double>(3 * p.n * p.l + 2);
+  std::vector<double> sums(2 * C);
+  std::normal_distribution<double> nd(0.0, std::sqrt(count));
+  for (double& s : sums) { s = nd(rng_); }
+  const std::vector<double> stats = make_stats(count, mean_, nans(p.c), invstd_);
+  std::vector<double> dref(static_cast<size_t>(numel(g_))), dtol(dref.size());
+  for_each_element(g_, [&](int64_t c, int64_t i) {
+    const auto cc = static_cast<size_t>(c);
+    const Z z = z_of(c, i, mean_.data(), invstd_.data());
+    const ld dy = dy_.get(i), g = act_ref::grad(act_.kind, slope_, z.z, dy);
+    const ld is = invstd_[cc], isw = is * w_.get(c);
+    const ld b = static_cast<ld>(sums[cc]) / count, k = z.xm * is * is * static_cast<ld>(sums[C + cc]) / count;
+    const ld dx = (g - b - k) * isw;
+    dref[static_cast<size_t>(i)] = static_cast<double>(dx);
+    dtol[static_cast<size_t>(i)] =
+      tol_act(p.dtype, static_cast<double>(dx),
+              static_cast<double>((std::fabs(g) + std::fabs(b) + std::fabs(k)) * std::fabs(isw))) +
+      g_err(z.z, z.s, dy) * static_cast<double>(std::fabs(isw));
+  });
+  for (int t : kThreads) {
+    SCOPED_TRACE("backward_elemt, num_threads=" + std::to_string(t));
+    Buf dx(p.dtype, numel(g_));
+    dx.poison();
+    pysbn::backward_elemt(xv(), dy_.data(), stats.data(), 1e-5, EpsMode::Plus, affine(), act_, sums.data(), dx.data(),
+                          cpu_exec(t));
+    expect_near_all("dx", dx.values(), dref, dtol);
+  }
+}
+
+/// batch_norm_backward (local sums and count; in mode Clamp, channels with var < eps drop the
+/// variance term) against the reference.
+TEST_P(ActOps, BatchNormBackwardMatchesLongDoubleReference)
+{
+  const OpCase& p = GetParam().op;
+  const auto C = static_cast<size_t>(p.c);
+  const double eps = 1e-3, n = static_cast<double>(p.n * p.l);
+  const std::vector<double> stats = make_stats(n, mean_, m2_, invstd_);
+  for (EpsMode mode : {EpsMode::Plus, EpsMode::Clamp}) {
+    SCOPED_TRACE(mode == EpsMode::Plus ? "Plus" : "Clamp");
+    std::vector<ld> s1(C, 0.0L), s2(C, 0.0L);
+    std::vector<double> t1(C, 0.0), t2(C, 0.0);
+    for_each_element(g_, [&](int64_t c, int64_t i) {
+      const auto cc = static_cast<size_t>(c);
+      const Z z = z_of(c, i, mean_.data(), invstd_.data());
+      const ld dy = dy_.get(i), g = act_ref::grad(act_.kind, slope_, z.z, dy);
+      const double err = g_err(z.z, z.s, dy);
+      s1[cc] += g;
+      s2[cc] += g * z.xm;
+      t1[cc] += ra_ * static_cast<double>(std::fabs(g)) + err;
+      t2[cc] += static_cast<double>(ra_ * std::fabs(g * z.xm) + err * std::fabs(z.xm));
+    });
+    std::vector<double> ref(2 * C), tol(2 * C), gw_ref(C), gw_tol(C), gb_ref(C), gb_tol(C);
+    for (size_t c = 0; c < C; ++c) {
+      ref[c] = static_cast<double>(s1[c]);
+      tol[c] = t1[c] + kTiny;
+      ref[C + c] = static_cast<double>(s2[c]);
+      tol[C + c] = t2[c] + kTiny;
+      gw_ref[c] = static_cast<double>(s2[c] * static_cast<ld>(invstd_[c]));
+      gw_tol[c] = tol[C + c] * invstd_[c] + tol_out(p.param, gw_ref[c], 0.0);
+      gb_ref[c] = ref[c];
+      gb_tol[c] = tol[c] + tol_out(p.param, gb_ref[c], 0.0);
+    }
+    std::vector<double> dref(static_cast<size_t>(numel(g_))), dtol(dref.size());
+    for_each_element(g_, [&](int64_t c, int64_t i) {
+      const auto cc = static_cast<size_t>(c);
+      const Z z = z_of(c, i, mean_.data(), invstd_.data());
+      const ld dy = dy_.get(i), g = act_ref::grad(act_.kind, slope_, z.z, dy);
+      const bool drop = mode == EpsMode::Clamp && m2_[cc] / n < eps;
+      const ld is = invstd_[cc], isw = is * w_.get(c);
+      const ld b = s1[cc] / n, k = drop ? 0.0L : z.xm * is * is * s2[cc] / n;
+      const ld dx = (g - b - k) * isw;
+      dref[static_cast<size_t>(i)] = static_cast<double>(dx);
+      const double sums_err = t1[cc] / n + (drop ? 0.0 : static_cast<double>(std::fabs(z.xm * is * is)) * t2[cc] / n);
+      dtol[static_cast<size_t>(i)] =
+        tol_act(p.dtype, static_cast<double>(dx),
+                static_cast<double>((std::fabs(g) + std::fabs(b) + std::fabs(k)) * std::fabs(isw))) +
+        (g_err(z.z, z.s, dy) + sums_err) * static_cast<double>(std::fabs(isw));
+    });
+    for (int t : {1, 3}) {
+      SCOPED_TRACE("num_threads=" + std::to_string(t));
+      std::vector<double> sums = nans(pysbn::sums_size(p.c));
+      Buf gw(p.param, p.c), gb(p.param, p.c), dx(p.dtype, numel(g_));
+      gw.poison();
+      gb.poison();
+      dx.poison();
+      pysbn::batch_norm_backward(xv(), dy_.data(), stats.data(), eps, mode, affine(), act_, sums.data(),
+                                 AffineGrad{gw.data(), gb.data(), p.param}, dx.data(), cpu_exec(t));
+      expect_near_all("sums", sums, ref, tol);
+      expect_near_all("grad_weight", gw.values(), gw_ref, gw_tol);
+      expect_near_all("grad_bias", gb.values(), gb_ref, gb_tol);
+      expect_near_all("dx", dx.values(), dref, dtol);
+    }
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Shapes, ActOps, ::testing::ValuesIn(act_cases(false)), act_case_name);
+
+/// The fused ops are the unfused chain: normalize with the identity gives the same z, so
+/// batch_norm_forward with an activation is act(z) of it, and batch_norm_backward with an
+/// activation is batch_norm_backward with the identity of g = act'(z) dy (torch's derivative,
+/// here in long double, rounded to the dtype). No error in z separates the two: the tolerances
+/// are the activation's own rounding and g's rounding to the dtype. float32 / float64 only (z
+/// rounded to a 16-bit type is not the kernels' z).
+using ActChain = ActOps;
+
+TEST_P(ActChain, FusedOpsAreNormalizeThenTheDerivativeChain)
+{
+  const OpCase& p = GetParam().op;
+  const auto C = static_cast<size_t>(p.c);
+  const double eps = 1e-3;
+  const Exec ex = cpu_exec(2);
+  std::vector<double> st = nans(pysbn::stats_size(p.c));
+  Buf y(p.dtype, numel(g_)), z(p.dtype, numel(g_));
+  pysbn::batch_norm_forward(xv(), nullptr, eps, EpsMode::Plus, affine(), act_, st.data(), y.data(), RunningStats{}, ex);
+  pysbn::normalize(xv(), st.data(), affine(), Act{}, z.data(), ex);
+  std::vector<double> yref(static_cast<size_t>(numel(g_))), ytol(yref.size());
+  Buf g(p.dtype, numel(g_));
+  std::vector<double> gerr(yref.size());
+  for_each_element(g_, [&](int64_t, int64_t i) {
+    const ld zi = z.get(i);
+    const act_ref::Value v = act_ref::eval(act_.kind, slope_, zi);
+    yref[static_cast<size_t>(i)] = static_cast<double>(v.y);
+    ytol[static_cast<size_t>(i)] = tol_act(p.dtype, static_cast<double>(v.y), static_cast<double>(std::fabs(zi * v.d)));
+    const ld dy = dy_.get(i), gi = act_ref::grad(act_.kind, slope_, zi, dy);
+    g.set(i, static_cast<double>(gi));
+    gerr[static_cast<size_t>(i)] = std::fabs(g.get(i) - static_cast<double>(gi)) +
+                                   static_cast<double>(8.0L * ua_ * std::fabs(dy) * (v.dterms + std::fabs(zi * v.d2)));
+  });
+  expect_near_all("y: batch_norm_forward(act) vs act(normalize)", y.values(), yref, ytol);
+
+  // backward: the fused op vs the identity op on g
+  std::vector<double> sums = nans(pysbn::sums_size(p.c)), sums_c = nans(pysbn::sums_size(p.c));
+  Buf gw(p.param, p.c), gb(p.param, p.c), dx(p.dtype, numel(g_));
+  Buf gw_c(p.param, p.c), gb_c(p.param, p.c), dx_c(p.dtype, numel(g_));
+  pysbn::batch_norm_backward(xv(), dy_.data(), st.data(), eps, EpsMode::Plus, affine(), act_, sums.data(),
+                             AffineGrad{gw.data(), gb.data(), p.param}, dx.data(), ex);
+  pysbn::batch_norm_backward(xv(), g.data(), st.data(), eps, EpsMode::Plus, affine(), Act{}, sums_c.data(),
+                             AffineGrad{gw_c.data(), gb_c.data(), p.param}, dx_c.data(), ex);
+  const std::vector<double> mean = stats_mean(st, p.c), invstd = stats_invstd(st, p.c);
+  const double n = st[0];
+  std::vector<double> t1(C, 0.0), t2(C, 0.0);
+  for_each_element(g_, [&](int64_t c, int64_t i) {
+    const auto cc = static_cast<size_t>(c), ii = static_cast<size_t>(i);
+    const double xm = std::fabs(x_.get(i) - mean[cc]);
+    t1[cc] += 2 * ra_ * std::fabs(g.get(i)) + gerr[ii];
+    t2[cc] += (2 * ra_ * std::fabs(g.get(i)) + gerr[ii]) * xm;
+  });
+  std::vector<double> stol(2 * C), gwtol(C), gbtol(C);
+  for (size_t c = 0; c < C; ++c) {
+    stol[c] = t1[c] + kTiny;
+    stol[C + c] = t2[c] + kTiny;
+    gwtol[c] = t2[c] * invstd[c] + 2 * tol_out(p.param, gw_c.get(static_cast<int64_t>(c)), 0.0);
+    gbtol[c] = t1[c] + 2 * tol_out(p.param, gb_c.get(static_cast<int64_t>(c)), 0.0);
+  }
+  expect_near_all("sums", sums, sums_c, stol);
+  expect_near_all("grad_weight", gw.values(), gw_c.values(), gwtol);
+  expect_near_all("grad_bias", gb.values(), gb_c.values(), gbtol);
+  std::vector<double> dxtol(static_cast<size_t>(numel(g_)));
+  for_each_element(g_, [&](int64_t c, int64_t i) {
+    const auto cc = static_cast<size_t>(c);
+    const double is = invstd[cc], isw = std::fabs(is * w_.get(c)), xm = std::fabs(x_.get(i) - mean[cc]);
+    const double terms = std::fabs(g.get(i)) + std::fabs(sums_c[cc] / n) + xm * is * is * std::fabs(sums_c[C + cc] / n);
+    dxtol[static_cast<size_t>(i)] = 2 * tol_act(p.dtype, dx_c.get(i), terms * isw) +
+                                    (gerr[static_cast<size_t>(i)] + t1[cc] / n + xm * is * is * t2[cc] / n) * isw;
+  });
+  expect_near_all("dx", dx.values(), dx_c.values(), dxtol);
+  if (act_.kind == Activation::Identity || act_.kind == Activation::ReLU) {
+    // act(z) is z or 0 exactly, and with dy = 1 and no sums to subtract, g = [z > 0] shows in dx
+    // (non-zero exactly there) and in sum_dy (the count per channel): all three must see the z
+    // of normalize, bit for bit. (The sums and dx of the fused op and the chain need not agree
+    // to the bit otherwise: the compiler may fuse g's multiplies into FMAs differently.)
+    std::vector<double> relu_z = z.values();
+    for (double& v : relu_z) { v = act_.kind == Activation::ReLU && v < 0 ? 0.0 : v; }
+    expect_same_bits("y, exactly", y.values(), relu_z);
+    Buf ones(p.dtype, numel(g_)), dx1(p.dtype, numel(g_));
+    ones.fill(1.0);
+    const std::vector<double> no_sums(2 * C, 0.0);
+    std::vector<double> s1 = nans(pysbn::sums_size(p.c)), count_pos(C, 0.0), nonzero(static_cast<size_t>(numel(g_)));
+    pysbn::backward_reduce(xv(), ones.data(), st.data(), affine(), act_, s1.data(), AffineGrad{}, ex);
+    pysbn::backward_elemt(xv(), ones.data(), st.data(), eps, EpsMode::Plus, affine(), act_, no_sums.data(), dx1.data(),
+                          ex);
+    std::vector<double> got_nonzero(nonzero.size());
+    for_each_element(g_, [&](int64_t c, int64_t i) {
+      const bool pos = act_.kind == Activation::Identity || z.get(i) > 0;
+      count_pos[static_cast<size_t>(c)] += pos ? 1.0 : 0.0;
+      nonzero[static_cast<size_t>(i)] = pos ? 1.0 : 0.0;
+      got_nonzero[static_cast<size_t>(i)] = dx1.get(i) != 0.0 ? 1.0 : 0.0;
+    });
+    expect_same_bits("sum_dy of dy = 1: the count of z > 0", slice(s1, 0, p.c), count_pos);
+    expect_same_bits("dx != 0 exactly where z > 0", got_nonzero, nonzero);
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Shapes, ActChain, ::testing::ValuesIn(act_cases(true)), act_case_name);
+
+/// Sweep of z over the whole range (the grid, tiny and huge magnitudes) through the public ops:
+/// with mean 0, invstd 1 and no affine, z = x exactly, so normalize gives act(x) and
+/// backward_elemt with zero sums and dy = 1 gives act'(x). Checked against long double to a few
+/// ulp: y within 4 eps |y|, act' within 4 eps of the size of its terms; GELUTanh also within
+/// 4 eps |z act'| (|z y''|): u = k (z + 0.044715 z^3) is rounded in the dtype, and e^-2u carries
+/// that error times |2u| (torch's own float formula loses y entirely there: 1 + tanh u = 0).
+template <class T>
+void sweep_activations(DType dt)
+{
+  std::vector<T> z;
+  for (int i = -40000; i <= 40000; ++i) { z.push_back(static_cast<T>(i * 5e-4)); }  // [-20, 20]
+  for (int i = 0; i <= 2000; ++i) {
+    const T v = static_cast<T>(std::pow(10.0, -30.0 + i * 48.0 / 2000));  // 1e-30 .. 1e18
+    z.push_back(v);
+    z.push_back(-v);
+  }
+  const auto n = static_cast<int64_t>(z.size());
+  const Geometry g{1, 1, n, Layout::ChannelMajor};
+  const std::vector<double> stats{static_cast<double>(n), 0.0, 1.0, 1.0}, zero_sums{0.0, 0.0};
+  const double eps = std::numeric_limits<T>::epsilon(), tiny = std::numeric_limits<T>::denorm_min();
+  std::vector<T> y(z.size()), ones(z.size(), T(1)), d(z.size());
+  for (Activation a : act_ref::kAll) {
+    SCOPED_TRACE(act_ref::name(a));
+    const Act act{a, 0.01};
+    const ld slope = act_ref::slope_in(act, dt);
+    pysbn::normalize(TensorView{z.data(), dt, g}, stats.data(), Affine{}, act, y.data(), Exec{});
+    pysbn::backward_elemt(TensorView{z.data(), dt, g}, ones.data(), stats.data(), 1e-5, EpsMode::Plus, Affine{}, act,
+                          zero_sums.data(), d.data(), Exec{});
+    const bool tanh_form = a == Activation::GELUTanh;
+    std::vector<double> got_y(z.size()), got_d(z.size()), ref_y(z.size()), ref_d(z.size()), tol_y(z.size()),
+      tol_d(z.size());
+    double worst_y = 0, worst_d = 0;
+    for (size_t i = 0; i < z.size(); ++i) {
+      const ld zi = z[i];
+      const act_ref::Value v = act_ref::eval(a, slope, zi);
+      got_y[i] = static_cast<double>(y[i]);
+      got_d[i] = static_cast<double>(d[i]);
+      ref_y[i] = static_cast<double>(v.y);
+      ref_d[i] = static_cast<double>(act_ref::grad(a, slope, zi, 1.0L));
+      // Results in the subnormal range: a factor that underflowed carries up to half a
+      // subnormal spacing, times what multiplies it afterwards (|z|, and ~0.2 |z|^3 in
+      // GELUTanh's act'); beyond |z| ~ 110 every such result is 0.
+      const double za = std::min(std::fabs(static_cast<double>(z[i])), 128.0);
+      const double floor = 4 * tiny * (1 + za + (tanh_form ? 0.2 * za * za * za : 0.0));
+      tol_y[i] = 4 * eps * static_cast<double>(std::fabs(v.y) + (tanh_form ? std::fabs(zi * v.d) : 0.0L)) + floor;
+      tol_d[i] = 4 * eps * static_cast<double>(v.dterms + (tanh_form ? std::fabs(zi * v.d2) : 0.0L)) + floor;
+      const double normal = std::numeric_limits<T>::min();
+      if (std::fabs(v.y) > normal) { worst_y = std::max(worst_y, std::fabs(got_y[i] - ref_y[i]) / std::fabs(ref_y[i])); }
+      if (v.dterms > normal) {
+        worst_d = std::max(worst_d, std::fabs(got_d[i] - ref_d[i]) / static_cast<double>(v.dterms));
+      }
+    }
+    expect_near_all("act(z)", got_y, ref_y, tol_y);
+    expect_near_all("act'(z)", got_d, ref_d, tol_d);
+    ::testing::Test::RecordProperty(std::string(act_ref::name(a)) + "_max_rel_err_y", std::to_string(worst_y));
+    ::testing::Test::RecordProperty(std::string(act_ref::name(a)) + "_max_rel_err_dact", std::to_string(worst_d));
+  }
+}
+
+TEST(ActivationAccuracy, Float32SweepIsWithinAFewUlp) { sweep_activations<float>(DType::Float32); }
+TEST(ActivationAccuracy, Float64SweepIsWithinAFewUlp) { sweep_activations<double>(DType::Float64); }
+
+/// NaN and +-inf in x, with finite statistics: the other elements and channels keep their
+/// values; a non-finite element gives what torch's formulas give at z = NaN, +inf, -inf (NaN
+/// propagates; act(+inf) = +inf; act(-inf) is 0, -inf or NaN (-inf * 0)), and so do the sums of
+/// its channel and its dx. Channel 0 is clean; channel 1 holds a NaN, 2 a +inf, 3 a -inf.
+TEST(ActivationNonFinite, NaNAndInfInXBehaveAsTorchsFormulas)
+{
+  const double nan = std::numeric_limits<double>::quiet_NaN(), inf = std::numeric_limits<double>::infinity();
+  auto same_class = [](const std::string& what, const std::vector<double>& got, const std::vector<double>& ref,
+                       const std::vector<double>& tol) {
+    ASSERT_EQ(got.size(), ref.size());
+    for (size_t i = 0; i < got.size(); ++i) {
+      if (std::isnan(ref[i])) {
+        EXPECT_TRUE(std::isnan(got[i])) << what << "[" << i << "] = " << got[i] << ", expected NaN";
+      } else if (std::isinf(ref[i])) {
+        EXPECT_EQ(got[i], ref[i]) << what << "[" << i << "]";
+      } else {
+        EXPECT_NEAR(got[i], ref[i], tol[i]) << what << "[" << i << "]";
+      }
+    }
+  };
+  for (DType dt : {DType::Float32, DType::Float64, DType::BFloat16}) {
+    for (Layout lay : {Layout::ChannelMajor, Layout::ChannelsLast}) {
+      const Geometry g{3, 4, 5, lay};
+      const int64_t C = g.c;
+      std::mt19937 rng(17);
+      const Buf x0 = random_input(dt, g, rng, std::vector<double>(C, 0.5), std::vector<double>(C, 1.0));
+      const Buf dy = random_input(dt, g, rng, std::vector<double>(C, 0.0), std::vector<double>(C, 1.0));
+      const DType pt = dt == DType::BFloat16 ? DType::Float32 : dt;
+      Buf w(pt, C), b(pt, C);
+      for (int64_t c = 0; c < C; ++c) {
+        w.set(c, 0.75 + 0.25 * static_cast<double>(c));
+        b.set(c, 0.25 - 0.125 * static_cast<double>(c));
+      }
+      Buf x = x0;
+      x.set(offset_of(g, 1, 1, 2), nan);
+      x.set(offset_of(g, 2, 2, 0), inf);
+      x.set(offset_of(g, 0, 3, 4), -inf);
+      const std::vector<double> mean{0.5, 0.4, 0.6, 0.3}, invstd{1.1, 0.9, 1.2, 0.8};
+      const double count = 15.0;
+      const std::vector<double> stats = make_stats(count, mean, nans(C), invstd);
+      const std::vector<double> gsums{1.5, -2.0, 0.5, 3.0, -1.0, 2.5, -0.5, 1.25};
+      for (Activation a : act_ref::kAll) {
+        SCOPED_TRACE(std::string(act_ref::name(a)) + " " + dtype_str(dt) +
+                     (lay == Layout::ChannelMajor ? " ChannelMajor" : " ChannelsLast"));
+        const Act act{a, 0.1};
+        const ld slope = act_ref::slope_in(act, dt);
+        const double ua = unit_roundoff(pysbn::acc_dtype(dt));
+        std::vector<double> yref(static_cast<size_t>(numel(g))), ytol(yref.size()), dref(yref.size()),
+          dtol(yref.size());
+        std::vector<ld> s1(C, 0.0L), s2(C, 0.0L);
+        std::vector<double> stol(2 * C, 0.0);
+        // the tolerances of the finite results, from the finite terms only
+        auto fin = [](ld v) { return std::isfinite(v) ? static_cast<double>(v) : 0.0; };
+        for_each_element(g, [&](int64_t c, int64_t i) {
+          const auto cc = static_cast<size_t>(c), ii = static_cast<size_t>(i);
+          const ld xm = static_cast<ld>(x.get(i)) - mean[cc], t = xm * invstd[cc] * w.get(c), bc = b.get(c);
+          const ld z = t + bc, s_z = std::fabs(t) + std::fabs(bc);
+          const act_ref::Value v = act_ref::eval(a, slope, z);
+          yref[ii] = static_cast<double>(v.y);
+          ytol[ii] = tol_act(dt, fin(v.y), fin(std::fabs(v.d) * s_z));
+          const ld gi = act_ref::grad(a, slope, z, dy.get(i));
+          s1[cc] += gi;
+          s2[cc] += gi * xm;
+          const double gtol = 8 * ua * fin(std::fabs(dy.get(i)) * (v.dterms + std::fabs(v.d2) * s_z));
+          stol[cc] += 1e-5 * fin(std::fabs(gi)) + gtol;
+          stol[C + cc] += 1e-5 * fin(std::fabs(gi * xm)) + gtol * fin(std::fabs(xm));
+          const ld is = invstd[cc], isw = is * w.get(c);
+          const ld bb = gsums[cc] / count, k = xm * is * is * gsums[C + cc] / count;
+          dref[ii] = static_cast<double>((gi - bb - k) * isw);
+          dtol[ii] = tol_act(dt, fin(dref[ii]), fin((std::fabs(gi) + std::fabs(bb) + std::fabs(k)) * isw)) +
+                     gtol * static_cast<double>(isw);
+        });
+        const TensorView xv{x.data(), dt, g};
+        const Affine affine{w.data(), b.data(), pt};
+        Buf y(dt, numel(g));
+        pysbn::normalize(xv, stats.data(), affine, act, y.data(), Exec{});
+        same_class("y", y.values(), yref, ytol);
+        std::vector<double> sref(2 * C), sums = nans(2 * C);
+        for (int64_t c = 0; c < C; ++c) {
+          sref[static_cast<size_t>(c)] = static_cast<double>(s1[static_cast<size_t>(c)]);
+          sref[static_cast<size_t>(C + c)] = static_cast<double>(s2[static_cast<size_t>(c)]);
+        }
+        pysbn::backward_reduce(xv, dy.data(), stats.data(), affine, act, sums.data(), AffineGrad{}, Exec{});
+        same_class("sums", sums, sref, stol);
+        Buf dx(dt, numel(g));
+        pysbn::backward_elemt(xv, dy.data(), stats.data(), 1e-5, EpsMode::Plus, affine, act, gsums.data(), dx.data(),
+                              Exec{});
+        same_class("dx", dx.values(), dref, dtol);
+      }
+    }
+  }
+}
+
+/// With the identity, the ops are the formulas they were before activations existed, bit for
+/// bit (the kernels' arithmetic, replayed here in the accumulation type):
+/// y = (x - hi) * a + b with hi + lo = mean, a = invstd * w, b = bias - lo * a, and
+/// dx = dy * k1 - (x - hi) * k2 - k3; act.negative_slope does not matter to it. The compiler
+/// may fuse a multiply and an add of these into an FMA (GCC does by default in C++ where the
+/// target has FMA), so each element must be one of the few ways of rounding the formula.
+template <class T>
+void identity_bits(DType dt)
+{
+  auto bits_among = [](const std::string& what, const std::vector<double>& got,
+                       const std::vector<std::vector<double>>& ways) {
+    for (size_t i = 0; i < got.size(); ++i) {
+      bool ok = false;
+      for (const auto& w : ways) { ok = ok || std::memcmp(&got[i], &w[i], sizeof(double)) == 0; }
+      if (!ok) {
+        ADD_FAILURE() << what << "[" << i << "] = " << got[i] << ", not the formula's rounding (e.g. " << ways[0][i]
+                      << ")";
+        return;
+      }
+    }
+  };
+  for (Layout lay : {Layout::ChannelMajor, Layout::ChannelsLast}) {
+    for (const Geometry& g0 : {Geometry{5, 7, 33}, Geometry{3, 70, 1}, Geometry{4, 3, 1100}}) {
+      Geometry g = g0;
+      g.layout = lay;
+      SCOPED_TRACE(dtype_str(dt) + (lay == Layout::ChannelMajor ? " ChannelMajor" : " ChannelsLast"));
+      const int64_t C = g.c;
+      std::mt19937 rng(5);
+      const Buf x = random_input(dt, g, rng, std::vector<double>(C, 1e3 + 1.0 / 3.0), std::vector<double>(C, 0.5));
+      const Buf dy = random_input(dt, g, rng, std::vector<double>(C, 0.0), std::vector<double>(C, 1.0));
+      const Buf w = random_uniform(dt, C, rng, 0.5, 1.5, true), b = random_uniform(dt, C, rng, -1.0, 1.0);
+      std::vector<double> mean(C), invstd(C), sums(2 * C);
+      std::uniform_real_distribution<double> u(0.5, 2.0);
+      for (int64_t c = 0; c < C; ++c) {
+        mean[c] = 1e3 + 1.0 / 3.0 + 0.01 * static_cast<double>(c);
+        invstd[c] = u(rng);
+        sums[c] = u(rng) - 1.0;
+        sums[C + c] = u(rng) - 1.0;
+      }
+      const double count = static_cast<double>(g.n * g.l) + 3.0;
+      const std::vector<double> stats = make_stats(count, mean, nans(C), invstd);
+      const auto n = static_cast<size_t>(numel(g));
+      std::vector<std::vector<double>> yways(2, std::vector<double>(n)), dways(3, std::vector<double>(n));
+      for_each_element(g, [&](int64_t c, int64_t i) {
+        const auto ii = static_cast<size_t>(i);
+        const T hi = static_cast<T>(mean[c]), lo = static_cast<T>(mean[c] - static_cast<double>(hi));
+        const double ac = invstd[c] * w.get(c);
+        const T a = static_cast<T>(ac), bb = static_cast<T>(b.get(c) - static_cast<double>(lo) * ac);
+        const T xh = static_cast<T>(x.get(i)) - hi, dv = static_cast<T>(dy.get(i));
+        const T ya = xh * a;
+        yways[0][ii] = static_cast<double>(static_cast<T>(ya + bb));
+        yways[1][ii] = static_cast<double>(static_cast<T>(std::fma(xh, a, bb)));
+        const double inv_cnt = 1.0 / count, is = invstd[c], wc = w.get(c);
+        const double c2 = is * is * is * wc * (sums[C + c] * inv_cnt);
+        const T k1 = static_cast<T>(is * wc), k2 = static_cast<T>(c2);
+        const T k3 = static_cast<T>(is * wc * (sums[c] * inv_cnt) - static_cast<double>(lo) * c2);
+        const T p1 = dv * k1, p2 = xh * k2;
+        dways[0][ii] = static_cast<double>(static_cast<T>(p1 - p2 - k3));
+        dways[1][ii] = static_cast<double>(static_cast<T>(std::fma(dv, k1, -p2) - k3));
+        dways[2][ii] = static_cast<double>(static_cast<T>(std::fma(-xh, k2, p1) - k3));
+      });
+      std::vector<double> first_y, first_dx;
+      for (double slope : {0.01, 7.0}) {
+        const Act act{Activation::Identity, slope};
+        Buf y(dt, numel(g)), dx(dt, numel(g));
+        pysbn::normalize(TensorView{x.data(), dt, g}, stats.data(), Affine{w.data(), b.data(), dt}, act, y.data(),
+                         cpu_exec(2));
+        pysbn::backward_elemt(TensorView{x.data(), dt, g}, dy.data(), stats.data(), 1e-5, EpsMode::Plus,
+                              Affine{w.data(), b.data(), dt}, act, sums.data(), dx.data(), cpu_exec(2));
+        bits_among("y", y.values(), yways);
+        bits_among("dx", dx.values(), dways);
+        if (first_y.empty()) {
+          first_y = y.values();
+          first_dx = dx.values();
+        } else {
+          expect_same_bits("y, another negative_slope", y.values(), first_y);
+          expect_same_bits("dx, another negative_slope", dx.values(), first_dx);
+        }
+      }
+    }
+  }
+}
+
+TEST(ActivationIdentity, Float32IsTheFormulaBitForBit) { identity_bits<float>(DType::Float32); }
+TEST(ActivationIdentity, Float64IsTheFormulaBitForBit) { identity_bits<double>(DType::Float64); }
+
 // ---- empty inputs -------------------------------------------------------------------------------
 
 TEST(CpuOpsEmpty, ZeroCountGivesZeroMomentsAndSums)
@@ -1214,6 +1872,100 @@ TEST(MergeMomentsEdge, ZeroCountRecordContributesNothing)
   std::vector<double> out = nans(3);
   pysbn::merge_moments(2, 1, in.data(), out.data(), cpu_exec(1));
   expect_near_all("zero-count record", out, {4.0, 2.0, 8.0}, {0.0, 1e-15, 1e-14});
+}
+
+// ---- non-finite input ---------------------------------------------------------------------------
+
+/// The flat index of x[n, c, l] in g's layout.
+int64_t flat_index(const Geometry& g, int64_t n, int64_t c, int64_t l)
+{
+  return g.layout == Layout::ChannelsLast ? (n * g.l + l) * g.c + c : (n * g.c + c) * g.l + l;
+}
+
+/// +-inf or NaN in channel 0 (at its first, a middle or its last value, in every path: rows,
+/// channel-major blocks, several threads): its mean is what a plain sum gives (+inf, -inf,
+/// NaN for NaN or for +inf with -inf) as nn.BatchNorm's, its M2 is NaN, and the other channels
+/// are those of the same input without the bad values.
+TEST(MomentsNonFinite, ChannelMeanIsThatOfAPlainSum)
+{
+  const double inf = std::numeric_limits<double>::infinity();
+  const struct {
+    const char* name;
+    std::vector<double> values;
+    int sign;  // +1: +inf, -1: -inf, 0: NaN
+  } bad[] = {{"+inf", {inf}, 1}, {"-inf", {-inf}, -1}, {"nan", {std::nan("")}, 0}, {"+inf,-inf", {inf, -inf}, 0},
+             {"+inf,+inf", {inf, inf}, 1}};
+  const Geometry shapes[] = {{8, 3, 16}, {4, 3, 4900}, {300, 5, 1}, {2, 2, 70000}};
+  std::mt19937 rng(99);
+  for (DType t : {DType::Float32, DType::Float64, DType::Float16, DType::BFloat16}) {
+    for (Layout lay : {Layout::ChannelMajor, Layout::ChannelsLast}) {
+      for (Geometry g : shapes) {
+        g.layout = lay;
+        const std::vector<double> mu(static_cast<size_t>(g.c), 1.5), sd(static_cast<size_t>(g.c), 0.5);
+        const Buf clean = random_input(t, g, rng, mu, sd);
+        const int64_t m = g.n * g.l;
+        for (const auto& b : bad) {
+          for (int64_t at : {int64_t{0}, m / 2, m - static_cast<int64_t>(b.values.size())}) {
+            Buf x = clean;
+            for (size_t k = 0; k < b.values.size(); ++k) {
+              const int64_t r = at + static_cast<int64_t>(k);
+              x.set(flat_index(g, r / g.l, 0, r % g.l), b.values[k]);
+            }
+            for (int threads : {1, 2}) {
+              SCOPED_TRACE(dtype_str(t) + " " + b.name + " at " + std::to_string(at) + " (" +
+                           std::to_string(g.n) + "," + std::to_string(g.c) + "," + std::to_string(g.l) +
+                           (lay == Layout::ChannelsLast ? ") channels-last" : ")") + " threads " +
+                           std::to_string(threads));
+              std::vector<double> got = nans(pysbn::record_size(g.c)), ref = nans(pysbn::record_size(g.c));
+              pysbn::moments(TensorView{x.data(), t, g}, got.data(), cpu_exec(threads));
+              pysbn::moments(TensorView{clean.data(), t, g}, ref.data(), cpu_exec(threads));
+              EXPECT_EQ(got[0], static_cast<double>(m));
+              if (b.sign == 0) {
+                EXPECT_TRUE(std::isnan(got[1])) << got[1];
+              } else {
+                EXPECT_EQ(got[1], b.sign * inf);
+              }
+              EXPECT_TRUE(std::isnan(got[1 + g.c])) << "m2 " << got[1 + g.c];
+              // Other channels: as accurate as without the bad values (not bit for bit: a
+              // channels-last block whose shift check fails in one lane redoes all its lanes).
+              const double rt = t == DType::Float64 ? 1e-12 : 1e-5;
+              for (int64_t c = 1; c < g.c; ++c) {
+                EXPECT_NEAR(got[1 + c], ref[1 + c], rt * std::fabs(ref[1 + c])) << "mean, channel " << c;
+                EXPECT_NEAR(got[1 + g.c + c], ref[1 + g.c + c], rt * ref[1 + g.c + c]) << "m2, channel " << c;
+              }
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
+/// Records whose means are +-inf or NaN merge as the weighted sums of the means: +inf with a
+/// finite record stays +inf, +inf with -inf is NaN; M2 is NaN; the finite channel is exact.
+TEST(MomentsNonFinite, MergeOfNonFiniteRecordsIsThePlainSum)
+{
+  const double inf = std::numeric_limits<double>::infinity();
+  // Two channels: channel 0 carries the case, channel 1 is finite in both records.
+  const struct {
+    double a, b;
+    int sign;
+  } cases[] = {{inf, 2.0, 1}, {2.0, -inf, -1}, {inf, -inf, 0}, {std::nan(""), 1.0, 0}, {inf, inf, 1}};
+  for (const auto& k : cases) {
+    const std::vector<double> in = {3.0, k.a, 1.0, 0.5, 2.0, /**/ 5.0, k.b, 3.0, 0.25, 1.0};
+    std::vector<double> out = nans(5);
+    pysbn::merge_moments(2, 2, in.data(), out.data(), cpu_exec(1));
+    SCOPED_TRACE(std::to_string(k.a) + " with " + std::to_string(k.b));
+    EXPECT_EQ(out[0], 8.0);
+    if (k.sign == 0) {
+      EXPECT_TRUE(std::isnan(out[1])) << out[1];
+    } else {
+      EXPECT_EQ(out[1], k.sign * inf);
+    }
+    EXPECT_TRUE(std::isnan(out[3])) << out[3];
+    EXPECT_DOUBLE_EQ(out[2], (3.0 * 1.0 + 5.0 * 3.0) / 8.0);
+    EXPECT_DOUBLE_EQ(out[4], 2.0 + 1.0 + 2.0 * 2.0 * 3.0 * 5.0 / 8.0);
+  }
 }
 
 // ---- finalize -----------------------------------------------------------------------------------

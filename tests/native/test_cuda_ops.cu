@@ -6,6 +6,8 @@
 #include <gtest/gtest.h>
 #include <pysbn/core.hpp>
 
+#include "act_reference.hpp"
+
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -423,6 +425,83 @@ TEST_F(CudaOps, MomentsOfEmptyInput)
         for (size_t i = 1; i < got.size(); ++i) { EXPECT_EQ(got[i], 0.0) << i; }
       }
     }
+  }
+}
+
+/// +-inf or NaN in channel 0 (its first, a middle or its last value): its mean is that of a
+/// plain sum (+inf, -inf, NaN for NaN or for +inf with -inf) as nn.BatchNorm's, its M2 is NaN,
+/// and the other channels are as accurate as without the bad values.
+TEST_F(CudaOps, MomentsOfNonFiniteChannelAreThoseOfAPlainSum)
+{
+  const double inf = std::numeric_limits<double>::infinity();
+  const struct {
+    const char* name;
+    std::vector<double> values;
+    int sign;  // +1: +inf, -1: -inf, 0: NaN
+  } bad[] = {{"+inf", {inf}, 1}, {"-inf", {-inf}, -1}, {"nan", {std::nan("")}, 0}, {"+inf,-inf", {inf, -inf}, 0},
+             {"+inf,+inf", {inf, inf}, 1}};
+  const Geometry shapes[] = {{8, 3, 16}, {4, 3, 4900}, {300, 5, 1}, {2, 2, 70000}};
+  uint32_t seed = 5;
+  for (DType d : kTypes) {
+    for (Layout lay : kLayouts) {
+      for (Geometry g : shapes) {
+        g.layout = lay;
+        const auto clean = random_input(g, d, seed++);
+        const auto ref = run_moments(clean, d, g);
+        const int64_t m = g.n * g.l;
+        for (const auto& b : bad) {
+          for (int64_t pos : {int64_t{0}, m / 2, m - static_cast<int64_t>(b.values.size())}) {
+            SCOPED_TRACE(describe(d, g) + " " + b.name + " at " + std::to_string(pos));
+            auto x = clean;
+            for (size_t k = 0; k < b.values.size(); ++k) {
+              const int64_t r = pos + static_cast<int64_t>(k);
+              x[at(g, r / g.l, 0, r % g.l)] = b.values[k];
+            }
+            const auto got = run_moments(x, d, g);
+            EXPECT_EQ(got[0], static_cast<double>(m));
+            if (b.sign == 0) {
+              EXPECT_TRUE(std::isnan(got[1])) << got[1];
+            } else {
+              EXPECT_EQ(got[1], b.sign * inf);
+            }
+            EXPECT_TRUE(std::isnan(got[1 + g.c])) << "m2 " << got[1 + g.c];
+            const double rt = d == DType::Float64 ? 1e-12 : 1e-5;
+            for (int64_t c = 1; c < g.c; ++c) {
+              EXPECT_NEAR(got[1 + c], ref[1 + c], rt * std::fabs(ref[1 + c]) + 1e-12) << "mean, channel " << c;
+              EXPECT_NEAR(got[1 + g.c + c], ref[1 + g.c + c], rt * ref[1 + g.c + c]) << "m2, channel " << c;
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
+/// Records whose means are +-inf or NaN merge as the weighted sums of the means; M2 is NaN.
+TEST_F(CudaOps, MergeMomentsOfNonFiniteRecordsIsThePlainSum)
+{
+  const double inf = std::numeric_limits<double>::infinity();
+  const struct {
+    double a, b;
+    int sign;
+  } cases[] = {{inf, 2.0, 1}, {2.0, -inf, -1}, {inf, -inf, 0}, {std::nan(""), 1.0, 0}, {inf, inf, 1}};
+  for (const auto& k : cases) {
+    SCOPED_TRACE(std::to_string(k.a) + " with " + std::to_string(k.b));
+    const std::vector<double> in = {3.0, k.a, 1.0, 0.5, 2.0, 5.0, k.b, 3.0, 0.25, 1.0};
+    Dev din(encode(in, DType::Float64));
+    Dev dout = Dev::filled(5 * sizeof(double), 0xff);
+    pysbn::merge_moments(2, 2, din.as<double>(), dout.as<double>(), exec());
+    sync();
+    const auto out = decode(dout.download(), DType::Float64);
+    EXPECT_EQ(out[0], 8.0);
+    if (k.sign == 0) {
+      EXPECT_TRUE(std::isnan(out[1])) << out[1];
+    } else {
+      EXPECT_EQ(out[1], k.sign * inf);
+    }
+    EXPECT_TRUE(std::isnan(out[3])) << out[3];
+    EXPECT_DOUBLE_EQ(out[2], (3.0 * 1.0 + 5.0 * 3.0) / 8.0);
+    EXPECT_DOUBLE_EQ(out[4], 2.0 + 1.0 + 2.0 * 2.0 * 3.0 * 5.0 / 8.0);
   }
 }
 
@@ -1157,6 +1236,235 @@ TEST_F(CudaOps, CompositesAreTheComposedOps)
       EXPECT_EQ(gw_f.download(), gw_c.download()) << "grad_weight";
       EXPECT_EQ(gb_f.download(), gb_c.download()) << "grad_bias";
       EXPECT_EQ(dx_f.download(), dx_c.download()) << "dx";
+    }
+  }
+}
+
+// ---- fused activations -----------------------------------------------------------------------
+// Every activation through normalize, backward_reduce and backward_elemt against
+// act_reference.hpp (long double, z = (x - mean) * invstd * w + b from the rounded inputs), and
+// against the same ops on the CPU; the composites are the composed ops bit for bit. Tolerances
+// as above, widened by what an error in z (s_z: the size of z's terms) does to act (act' s_z) and
+// to act' (act'' s_z, or a whole jump of act' for z within that error of a kink).
+
+/// The reference values of one element.
+struct ActElem {
+  long double z, xm, s_z;
+};
+
+ActElem act_elem(double x, double mean, double invstd, double w, double b)
+{
+  const long double xm = static_cast<long double>(x) - mean, t = xm * invstd * w;
+  return {t + b, xm, std::fabs(t) + std::fabs(static_cast<long double>(b))};
+}
+
+/// Error bound of a kernel's g = act'(z) dy with output tolerance tol (relative).
+double act_g_err(const Act& act, long double slope, const ActElem& e, long double dy, double tol)
+{
+  const act_ref::Value v = act_ref::eval(act.kind, slope, e.z);
+  long double dist, jump;
+  act_ref::kink(act.kind, slope, e.z, dist, jump);
+  const long double kink = dist <= tol * e.s_z + 1e-300L ? jump * std::fabs(dy) : 0.0L;
+  return static_cast<double>(tol * std::fabs(dy) * (v.dterms + std::fabs(v.d2) * e.s_z) + kink);
+}
+
+TEST_F(CudaOps, ActivationsMatchLongDoubleReference)
+{
+  const Geometry shapes[] = {{1, 1, 1}, {2, 3, 5}, {4, 1, 7}, {3, 5, 1}, {2, 4097, 3}, {8, 16, 64}, {2, 64, 256}, {3, 24, 40}};
+  uint32_t seed = 900;
+  for (const pysbn::Activation a : act_ref::kAll) {
+    const Act act{a, 0.1};
+    for (DType d : kTypes) {
+      const long double slope = act_ref::slope_in(act, d);
+      const double tol = out_tol(d), stol = stat_tol(d);
+      for (DType pd : param_dtypes(d)) {
+        for (Layout lay : kLayouts) {
+          for (Geometry g : shapes) {
+            g.layout = lay;
+            SCOPED_TRACE(std::string(act_ref::name(a)) + " " + describe(d, g) + " param " + name(pd));
+            const auto x = random_input(g, d, seed++, 1.0);
+            const auto dy = random_input(g, d, seed++, -0.5);
+            const NormCase nc = make_norm_case(g.c, pd, seed++);
+            const auto st = norm_stats(nc, g);
+            Dev dx(encode(x, d)), ddy(encode(dy, d)), dstats(f64(st)), dw(encode(nc.weight, pd)), db(encode(nc.bias, pd));
+            const TensorView xv{dx.get(), d, g};
+            const Affine affine{dw.get(), db.get(), pd};
+            // normalize
+            Dev dyo = Dev::filled(x.size() * esize(d), 0xff);
+            pysbn::normalize(xv, dstats.as<double>(), affine, act, dyo.get(), exec());
+            // backward_reduce
+            Dev dsums = Dev::filled(2 * g.c * sizeof(double), 0xff);
+            Dev dgw = Dev::filled(g.c * esize(pd), 0xff), dgb = Dev::filled(g.c * esize(pd), 0xff);
+            pysbn::backward_reduce(xv, ddy.get(), dstats.as<double>(), affine, act, dsums.as<double>(),
+                                   AffineGrad{dgw.get(), dgb.get(), pd}, exec());
+            // backward_elemt with global sums and count
+            const double count = static_cast<double>(3 * g.n * g.l + 1);
+            std::vector<double> gs = random_vector(g.c, seed++, -0.5 * count, 0.5 * count, DType::Float64);
+            const auto gs2 = random_vector(g.c, seed++, -0.5 * count, 0.5 * count, DType::Float64);
+            gs.insert(gs.end(), gs2.begin(), gs2.end());
+            Dev dgs(f64(gs)), dst2(f64(make_stats(count, nc.mean, nans(nc.mean.size()), nc.invstd)));
+            Dev ddx = Dev::filled(x.size() * esize(d), 0xff);
+            pysbn::backward_elemt(xv, ddy.get(), dst2.as<double>(), 1e-5, EpsMode::Plus, affine, act, dgs.as<double>(),
+                                  ddx.get(), exec());
+            sync();
+            const auto y = decode(dyo.download(), d), sums = decode(dsums.download(), DType::Float64);
+            const auto gw = decode(dgw.download(), pd), gb = decode(dgb.download(), pd);
+            const auto got_dx = decode(ddx.download(), d);
+            std::vector<long double> s1(g.c, 0.0L), s2(g.c, 0.0L);
+            std::vector<double> t1(g.c, 0.0), t2(g.c, 0.0);
+            int64_t bad = 0;
+            for (int64_t n = 0; n < g.n; ++n) {
+              for (int64_t c = 0; c < g.c; ++c) {
+                for (int64_t l = 0; l < g.l; ++l) {
+                  const int64_t i = at(g, n, c, l);
+                  const ActElem e = act_elem(x[i], nc.mean[c], nc.invstd[c], nc.weight[c], nc.bias[c]);
+                  const act_ref::Value v = act_ref::eval(a, slope, e.z);
+                  const double ty = tol * (1.0 + static_cast<double>(std::fabs(v.y) + std::fabs(v.d) * e.s_z));
+                  if (!(std::fabs(y[i] - static_cast<double>(v.y)) <= ty) && bad++ < 5) {
+                    ADD_FAILURE() << "y at (" << n << ", " << c << ", " << l << "): " << y[i] << " vs "
+                                  << static_cast<double>(v.y);
+                  }
+                  const long double gi = act_ref::grad(a, slope, e.z, dy[i]);
+                  const double gerr = act_g_err(act, slope, e, dy[i], tol);
+                  s1[c] += gi;
+                  s2[c] += gi * e.xm;
+                  t1[c] += stol * static_cast<double>(std::fabs(gi)) + gerr;
+                  t2[c] += static_cast<double>(stol * std::fabs(gi * e.xm) + gerr * std::fabs(e.xm));
+                  const long double is = nc.invstd[c], isw = is * nc.weight[c];
+                  const long double mb = gs[c] / count, k = e.xm * is * is * gs[g.c + c] / count;
+                  const long double ref = (gi - mb - k) * isw;
+                  const double tdx =
+                    tol * (1.0 + static_cast<double>((std::fabs(gi) + std::fabs(mb) + std::fabs(k)) * std::fabs(isw))) +
+                    gerr * static_cast<double>(std::fabs(isw));
+                  if (!(std::fabs(got_dx[i] - static_cast<double>(ref)) <= tdx) && bad++ < 5) {
+                    ADD_FAILURE() << "dx at (" << n << ", " << c << ", " << l << "): " << got_dx[i] << " vs "
+                                  << static_cast<double>(ref);
+                  }
+                }
+              }
+            }
+            EXPECT_EQ(bad, 0);
+            for (int64_t c = 0; c < g.c; ++c) {
+              EXPECT_NEAR(sums[c], static_cast<double>(s1[c]), t1[c] + 1e-30) << "sum_dy " << c;
+              EXPECT_NEAR(sums[g.c + c], static_cast<double>(s2[c]), t2[c] + 1e-30) << "sum_dy_xmu " << c;
+              const double rw = static_cast<double>(s2[c]) * nc.invstd[c];
+              EXPECT_NEAR(gw[c], rw, t2[c] * nc.invstd[c] + eps_of(pd) * std::fabs(rw) + 1e-30) << "grad_weight " << c;
+              EXPECT_NEAR(gb[c], static_cast<double>(s1[c]), t1[c] + eps_of(pd) * std::fabs(static_cast<double>(s1[c])) + 1e-30)
+                << "grad_bias " << c;
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
+/// The GPU and the CPU agree with every activation (and on NaN and +-inf in x: same class).
+TEST_F(CudaOps, ActivationsAgreeWithCpuOps)
+{
+  const Exec cpu = on_cpu(2);
+  for (const pysbn::Activation a : act_ref::kAll) {
+    const Act act{a, 0.2};
+    for (DType d : kTypes) {
+      for (Layout lay : kLayouts) {
+        Geometry g{4, 6, 50, lay};
+        SCOPED_TRACE(std::string(act_ref::name(a)) + " " + describe(d, g));
+        auto x = random_input(g, d, 51, 0.5);
+        x[at(g, 1, 2, 3)] = std::numeric_limits<double>::quiet_NaN();
+        x[at(g, 2, 3, 7)] = std::numeric_limits<double>::infinity();
+        x[at(g, 3, 4, 11)] = -std::numeric_limits<double>::infinity();
+        const auto dy = random_input(g, d, 52);
+        const NormCase nc = make_norm_case(g.c, d, 53);
+        const auto st = norm_stats(nc, g);
+        const Bytes hx = encode(x, d), hdy = encode(dy, d), hw = encode(nc.weight, d), hb = encode(nc.bias, d);
+        const Affine haff{hw.data(), hb.data(), d};
+        Dev dx(hx), ddy(hdy), dw(hw), db(hb), dst(f64(st));
+        const Affine daff{dw.get(), db.get(), d};
+        const double tol = out_tol(d);
+        auto close = [&](const char* what, const std::vector<double>& gv, const std::vector<double>& cv, double rel) {
+          int64_t bad = 0;
+          for (size_t i = 0; i < cv.size(); ++i) {
+            const bool ok = std::isnan(cv[i]) ? std::isnan(gv[i])
+                            : std::isinf(cv[i]) ? gv[i] == cv[i]
+                                                : std::fabs(gv[i] - cv[i]) <= rel * (1.0 + std::fabs(cv[i]));
+            if (!ok && bad++ < 5) { ADD_FAILURE() << what << " " << i << ": " << gv[i] << " vs " << cv[i]; }
+          }
+          EXPECT_EQ(bad, 0) << what;
+        };
+        // normalize
+        Bytes cy(hx.size());
+        pysbn::normalize(TensorView{hx.data(), d, g}, st.data(), haff, act, cy.data(), cpu);
+        Dev gy = Dev::filled(hx.size(), 0xff);
+        pysbn::normalize(TensorView{dx.get(), d, g}, dst.as<double>(), daff, act, gy.get(), exec());
+        // backward_reduce
+        std::vector<double> csums(2 * g.c);
+        pysbn::backward_reduce(TensorView{hx.data(), d, g}, hdy.data(), st.data(), haff, act, csums.data(), AffineGrad{},
+                               cpu);
+        Dev gsums = Dev::filled(2 * g.c * sizeof(double), 0xff);
+        pysbn::backward_reduce(TensorView{dx.get(), d, g}, ddy.get(), dst.as<double>(), daff, act, gsums.as<double>(),
+                               AffineGrad{}, exec());
+        // backward_elemt with finite sums
+        std::vector<double> fs(2 * g.c);
+        for (int64_t c = 0; c < 2 * g.c; ++c) { fs[c] = std::isfinite(csums[c]) ? csums[c] : 1.0; }
+        Bytes cdx(hx.size());
+        pysbn::backward_elemt(TensorView{hx.data(), d, g}, hdy.data(), st.data(), 1e-5, EpsMode::Plus, haff, act,
+                              fs.data(), cdx.data(), cpu);
+        Dev dfs(f64(fs)), gdx = Dev::filled(hx.size(), 0xff);
+        pysbn::backward_elemt(TensorView{dx.get(), d, g}, ddy.get(), dst.as<double>(), 1e-5, EpsMode::Plus, daff, act,
+                              dfs.as<double>(), gdx.get(), exec());
+        sync();
+        close("normalize", decode(gy.download(), d), decode(cy, d), 2 * tol);
+        const auto gsv = decode(gsums.download(), DType::Float64);
+        const double n_l = static_cast<double>(g.n * g.l);
+        close("sums", gsv, csums, stat_tol(d) * 10.0 * n_l);
+        close("backward_elemt", decode(gdx.download(), d), decode(cdx, d), 4 * tol);
+      }
+    }
+  }
+}
+
+/// With an activation too, batch_norm_forward and batch_norm_backward are the composed ops, bit
+/// for bit.
+TEST_F(CudaOps, CompositesWithActivationsAreTheComposedOps)
+{
+  for (const pysbn::Activation a : act_ref::kAll) {
+    const Act act{a, 0.05};
+    for (DType d : kTypes) {
+      for (Layout lay : kLayouts) {
+        Geometry g{4, 6, 50, lay};
+        SCOPED_TRACE(std::string(act_ref::name(a)) + " " + describe(d, g));
+        const auto x = random_input(g, d, 61, 1.0), dy = random_input(g, d, 62);
+        const auto w = random_vector(g.c, 63, 0.5, 1.5, d), b = random_vector(g.c, 64, -1.0, 1.0, d);
+        Dev dx(encode(x, d)), ddy(encode(dy, d)), dw(encode(w, d)), db(encode(b, d));
+        const TensorView xv{dx.get(), d, g};
+        const Affine affine{dw.get(), db.get(), d};
+        const size_t rec = (2 * g.c + 1) * sizeof(double), stn = (3 * g.c + 1) * sizeof(double);
+        const size_t bytes = x.size() * esize(d), per = g.c * sizeof(double);
+        Dev rec_c = Dev::filled(rec, 0xff), st_c = Dev::filled(stn, 0xff), y_c = Dev::filled(bytes, 0xff);
+        pysbn::moments(xv, rec_c.as<double>(), exec());
+        pysbn::finalize(g.c, rec_c.as<double>(), 1e-3, EpsMode::Plus, st_c.as<double>(), RunningStats{}, exec());
+        pysbn::normalize(xv, st_c.as<double>(), affine, act, y_c.get(), exec());
+        Dev st_f = Dev::filled(stn, 0xff), y_f = Dev::filled(bytes, 0xff);
+        pysbn::batch_norm_forward(xv, nullptr, 1e-3, EpsMode::Plus, affine, act, st_f.as<double>(), y_f.get(),
+                                  RunningStats{}, exec());
+        Dev s_c = Dev::filled(2 * per, 0xff), gw_c = Dev::filled(g.c * esize(d), 0xff),
+            gb_c = Dev::filled(g.c * esize(d), 0xff), dx_c = Dev::filled(bytes, 0xff);
+        pysbn::backward_reduce(xv, ddy.get(), st_c.as<double>(), affine, act, s_c.as<double>(),
+                               AffineGrad{gw_c.get(), gb_c.get(), d}, exec());
+        pysbn::backward_elemt(xv, ddy.get(), st_c.as<double>(), 1e-3, EpsMode::Plus, affine, act, s_c.as<double>(),
+                              dx_c.get(), exec());
+        Dev s_f = Dev::filled(2 * per, 0xff), gw_f = Dev::filled(g.c * esize(d), 0xff),
+            gb_f = Dev::filled(g.c * esize(d), 0xff), dx_f = Dev::filled(bytes, 0xff);
+        pysbn::batch_norm_backward(xv, ddy.get(), st_c.as<double>(), 1e-3, EpsMode::Plus, affine, act,
+                                   s_f.as<double>(), AffineGrad{gw_f.get(), gb_f.get(), d}, dx_f.get(), exec());
+        sync();
+        EXPECT_EQ(st_f.download(), st_c.download()) << "stats";
+        EXPECT_EQ(y_f.download(), y_c.download()) << "y";
+        EXPECT_EQ(s_f.download(), s_c.download()) << "sums";
+        EXPECT_EQ(gw_f.download(), gw_c.download()) << "grad_weight";
+        EXPECT_EQ(gb_f.download(), gb_c.download()) << "grad_bias";
+        EXPECT_EQ(dx_f.download(), dx_c.download()) << "dx";
+      }
     }
   }
 }

@@ -74,7 +74,7 @@ enum class Device : int32_t { CPU = 0, CUDA = 1 };
 enum class Activation : int32_t {
   Identity = 0,   ///< act(z) = z
   ReLU = 1,       ///< max(z, 0)
-  LeakyReLU = 2,  ///< z >= 0 ? z : negative_slope * z   (nn.LeakyReLU: z > 0)
+  LeakyReLU = 2,  ///< z > 0 ? z : negative_slope * z
   SiLU = 3,       ///< z * sigmoid(z)
   GELU = 4,       ///< z * Phi(z) (erf form, nn.GELU())
   GELUTanh = 5,   ///< nn.GELU(approximate="tanh")
@@ -204,7 +204,8 @@ void backward_reduce(const TensorView& x, const void* dy, const double* stats, c
 /// backward_elemt: dx = (g - sum_dy/count - (x - mean) * invstd^2 * sum_dy_xmu/count) * invstd
 /// * weight, g = act'(z) * dy, with the global grad-sums record `sums` and the global count of
 /// `stats`. Eps mode Clamp drops the variance term of channels whose variance is below eps
-/// (their invstd does not depend on it). A global count of 0 writes nothing (there are no values).
+/// (their invstd does not depend on it). A global count of 0 means there are no values anywhere:
+/// nothing to write when x has none; dx = 0 otherwise (an inconsistent call).
 void backward_elemt(const TensorView& x, const void* dy, const double* stats, double eps, EpsMode mode,
                     const Affine& affine, const Act& act, const double* sums, void* dx, const Exec& exec);
 
