@@ -751,8 +751,10 @@ def revert_model(module: nn.Module) -> nn.Module:
     (``nn.BatchNorm1d/2d/3d`` for layers built directly; timm's ``BatchNormAct2d`` for
     :class:`SynchronizedBatchNormAct2d`), e.g. before ``torch.jit.script``.
 
-    Parameters and buffers are the same tensor objects, sub-modules (activation, drop) the same
-    modules; a :class:`pysbn.DataParallelWithCallback` becomes an ``nn.DataParallel``.
+    Like :func:`convert_model`, it returns the module itself with its layers replaced in place
+    (a new layer when ``module`` is itself a synchronized layer). Parameters and buffers are the
+    same tensor objects, sub-modules (activation, drop) the same modules; a
+    :class:`pysbn.DataParallelWithCallback` becomes an ``nn.DataParallel``.
     """
     from .replicate import DataParallelWithCallback
 
