@@ -71,6 +71,12 @@ def test_bench_tiny(tmp_path, capsys):
                 r[impl]["compile_fwd_s"] + r[impl]["compile_fwdbwd_s"])
         assert r["speedup_compiled"] > 0 and r["speedup_compiled_fwd"] > 0
     assert "torch_compiled" not in rows[1]  # channels_last: not the shape's first format
+    # 4-D rows also time batch norm + SiLU, fused and not; the 2-D row has no such layer
+    for r in rows[:2]:
+        for impl in ("bn_silu", "pysbn_silu"):
+            assert r[impl]["fwd_ms"] > 0 and r[impl]["fwdbwd_ms"] > 0
+        assert r["speedup_act_vs_unfused"] > 0 and r["speedup_act_vs_unfused_fwd"] > 0
+    assert "bn_silu" not in rows[2] and "speedup_act_vs_unfused" not in rows[2]
     for m in result["memory"]:
         for impl in ("torch", "pysbn", "seed"):
             assert "peak_bytes" in m[impl] and "saved_bytes" in m[impl]
@@ -82,9 +88,23 @@ def test_bench_tiny(tmp_path, capsys):
     assert md.startswith("| shape |")
     assert "| torch_compiled f+b ms | pysbn_compiled f+b ms |" in md
     assert "speedup pysbn_compiled vs torch_compiled" in md
+    assert "batch norm + SiLU, geometric-mean speedup of the fused layer" in md
     w, h = _png_size(out / "bench.png")
     assert w > 300 and h > 200
     assert "bench.png" in capsys.readouterr().out
+
+
+def test_act_memory_fused_layer_keeps_two_of_three_activations():
+    """act_memory, each variant in a fresh process: per (conv -> BN + SiLU) block the unfused
+    layers keep the conv's input, the BN's input and the SiLU's input for the backward, the fused
+    layer one fewer (plus per-channel statistics): 2/3 of the bytes."""
+    am = bench.act_memory(blocks=2, shape=(4, 8, 16, 16))
+    unfused, fused = am["unfused"]["saved_bytes"], am["fused"]["saved_bytes"]
+    act = 4 * 8 * 16 * 16 * 4  # one activation, float32
+    assert unfused >= 6 * act and fused < unfused
+    assert am["ratio_saved"] == pytest.approx(2 / 3, abs=0.02)
+    md = bench.markdown({"environment": {}, "settings": {}, "rows": [], "act_memory": am})
+    assert "fused / unfused: saved 0.6" in md
 
 
 def test_bench_without_matplotlib_writes_json_markdown_and_a_hint(tmp_path, monkeypatch, capsys):

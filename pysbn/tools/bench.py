@@ -201,6 +201,14 @@ def _make_impls(x, dy, w, b, compiled: bool = False) -> Dict[str, Tuple[Fn, Fn]]
     impls["pysbn"] = _layer_impl(make(sbn_cls), x, dy)
     impls["core"] = _core_impl(x, w.to(pdt), b.to(pdt), dy)
     impls["seed"] = _seed_impl(x, w, b, dy)
+    if x.dim() == 4:
+        # batch norm + SiLU: the fused layer against nn.BatchNorm2d then nn.SiLU (what timm's
+        # BatchNormAct2d computes; timm itself is not needed here)
+        unfused, fused = make(torch_cls), pysbn.SynchronizedBatchNormAct2d(
+            c, eps=EPS, act_layer=nn.SiLU, device=x.device, dtype=pdt)
+        fused.load_state_dict(unfused.state_dict())
+        impls["bn_silu"] = _layer_impl(unfused, x, dy, lambda t: nn.functional.silu(unfused(t)))
+        impls["pysbn_silu"] = _layer_impl(fused, x, dy)
     if compiled:
         # A fresh start per row: compiled code is specialised to the shape, layout and thread
         # count, and the previous rows' entries would count against dynamo's recompile limit.
@@ -566,12 +574,77 @@ def _bench_row(sid, shape, fmt, dtype_name, device, nt, settings, compiled=False
     if "torch_native" in row:
         row["speedup_vs_torch_native"] = ratio("torch_native")
     row["core_vs_layer"] = ratio("core")  # < 1: the layer's Python and autograd cost
+    if "pysbn_silu" in row:
+        row["speedup_act_vs_unfused"] = ratio("bn_silu", of="pysbn_silu")
+        row["speedup_act_vs_unfused_fwd"] = ratio("bn_silu", "fwd_ms", of="pysbn_silu")
     if compiled:
         # pysbn_compiled vs torch_compiled (> 1: pysbn faster), and compiled vs eager pysbn
         row["speedup_compiled"] = ratio("torch_compiled", of="pysbn_compiled")
         row["speedup_compiled_fwd"] = ratio("torch_compiled", "fwd_ms", of="pysbn_compiled")
         row["pysbn_compiled_vs_eager"] = ratio("pysbn", of="pysbn_compiled")
     return row
+
+
+# ---- batch norm + activation: memory kept for the backward ----------------------------------------
+_ACT_MEMORY_CHILD = r"""
+import gc, json, os, sys
+import torch
+from torch import nn
+import pysbn
+
+variant, blocks, shape = sys.argv[1], int(sys.argv[2]), tuple(json.loads(sys.argv[3]))
+torch.manual_seed(0)
+torch.set_num_threads(1)
+c = shape[1]
+layers = []
+for _ in range(blocks):
+    layers.append(nn.Conv2d(c, c, 3, padding=1, bias=False))
+    layers.append(pysbn.SynchronizedBatchNormAct2d(c, act_layer=nn.SiLU) if variant == "fused"
+                  else nn.Sequential(nn.BatchNorm2d(c), nn.SiLU()))
+model = nn.Sequential(*layers)
+x = torch.randn(shape)
+model(x).sum().backward()  # warm-up: allocator, kernels, parameter gradients
+
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+storages = {}
+def pack(t):
+    storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    return t
+
+gc.collect()
+before = rss()
+with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    y = model(x)
+after = rss()
+params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+saved = sum(n for ptr, n in storages.items() if ptr not in params)
+print(json.dumps({"saved_bytes": saved, "rss_growth_bytes": after - before}))
+"""
+
+
+def act_memory(blocks: int = 6, shape: Sequence[int] = (16, 32, 56, 56)) -> Dict[str, Any]:
+    """Memory a stack of ``blocks`` (conv3x3 -> batch norm + SiLU) blocks keeps alive for the
+    backward, float32 on the CPU, each variant in a fresh process: the bytes of the tensors
+    saved for the backward (saved-tensor hooks; parameters excluded) and the growth of the
+    resident set over the forward (the output included)."""
+    import subprocess
+
+    out: Dict[str, Any] = {"blocks": blocks, "shape": list(shape), "dtype": "float32"}
+    labels = {"unfused": "nn.BatchNorm2d + nn.SiLU (timm's BatchNormAct2d)",
+              "fused": "pysbn.SynchronizedBatchNormAct2d (SiLU fused)"}
+    for variant, label in labels.items():
+        proc = subprocess.run([sys.executable, "-c", _ACT_MEMORY_CHILD, variant, str(blocks),
+                               json.dumps(list(shape))], capture_output=True, text=True,
+                              timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
+        if proc.returncode != 0:
+            raise RuntimeError(f"act_memory {variant}: {proc.stderr.strip()[-500:]}")
+        out[variant] = dict(json.loads(proc.stdout.strip().splitlines()[-1]), label=label)
+    out["ratio_saved"] = out["fused"]["saved_bytes"] / out["unfused"]["saved_bytes"]
+    out["ratio_rss"] = out["fused"]["rss_growth_bytes"] / max(1, out["unfused"]["rss_growth_bytes"])
+    return out
 
 
 def run(shapes: Sequence[str], threads: Sequence[int], settings: dict,
@@ -774,8 +847,36 @@ def markdown(result: Dict[str, Any]) -> str:
                 f"| {_x(r['speedup_compiled_fwd'])} | {_x(r['pysbn_compiled_vs_eager'])} "
                 f"| {_s(r, 'torch_compiled')} | {_s(r, 'pysbn_compiled')} |")
         lines.append("")
+    acts = [r for r in result["rows"] if r.get("speedup_act_vs_unfused") is not None]
+    if acts:
+        lines += ["Batch norm + SiLU: SynchronizedBatchNormAct2d (pysbn_silu, fused) against "
+                  "nn.BatchNorm2d then nn.SiLU (bn_silu, what timm's BatchNormAct2d computes):",
+                  "", "| shape | fmt | dtype | device | thr | bn_silu fwd ms | pysbn_silu fwd ms "
+                  "| bn_silu f+b ms | pysbn_silu f+b ms | vs bn_silu f+b | vs bn_silu fwd |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in acts:
+            lines.append(
+                f"| {r['id']} {tuple(r['shape'])} | {r['format']} | {r['dtype']} "
+                f"| {r['device']} | {r['threads'] if r['device'] == 'cpu' else '-'} "
+                f"| {_ms(r, 'bn_silu', 'fwd_ms')} | {_ms(r, 'pysbn_silu', 'fwd_ms')} "
+                f"| {_ms(r, 'bn_silu', 'fwdbwd_ms')} | {_ms(r, 'pysbn_silu', 'fwdbwd_ms')} "
+                f"| {_x(r['speedup_act_vs_unfused'])} | {_x(r['speedup_act_vs_unfused_fwd'])} |")
+        lines.append("")
+    if result.get("act_memory"):
+        am = result["act_memory"]
+        lines += ["Memory kept alive for the backward by a stack of "
+                  f"{am['blocks']} (conv3x3 -> BN+SiLU) blocks, input {tuple(am['shape'])} "
+                  f"{am['dtype']}, each measured in a fresh process:", "",
+                  "| layers | saved tensors MB | resident growth over the forward MB |",
+                  "|---|---|---|"]
+        for k in ("unfused", "fused"):
+            lines.append(f"| {am[k]['label']} | {_mb(am[k]['saved_bytes'])} "
+                         f"| {_mb(am[k]['rss_growth_bytes'])} |")
+        lines += ["", f"- fused / unfused: saved {am['ratio_saved']:.2f}x, resident "
+                  f"{am['ratio_rss']:.2f}x", ""]
     groups: Dict[tuple, List[float]] = {}
     cgroups: Dict[tuple, List[float]] = {}
+    agroups: Dict[tuple, List[float]] = {}
     for r in result["rows"]:
         key = (r["device"], r["dtype"], r["threads"] if r["device"] == "cpu" else None,
                r["format"])
@@ -783,6 +884,8 @@ def markdown(result: Dict[str, Any]) -> str:
             groups.setdefault(key, []).append(r["speedup_vs_torch"])
         if r.get("speedup_compiled") is not None:
             cgroups.setdefault(key, []).append(r["speedup_compiled"])
+        if r.get("speedup_act_vs_unfused") is not None:
+            agroups.setdefault(key, []).append(r["speedup_act_vs_unfused"])
     for (dev, dt, nt, fmt), sel in groups.items():
         where = f"{nt} thread(s)" if dev == "cpu" else "GPU"
         lines.append(f"- {dev} {dt} {where}, {fmt}: geometric-mean speedup vs torch f+b "
@@ -791,6 +894,11 @@ def markdown(result: Dict[str, Any]) -> str:
         where = f"{nt} thread(s)" if dev == "cpu" else "GPU"
         lines.append(f"- {dev} {dt} {where}, {fmt}, under torch.compile: geometric-mean "
                      f"speedup pysbn_compiled vs torch_compiled f+b {geomean(sel):.2f}x "
+                     f"(min {min(sel):.2f}x over {len(sel)} shapes)")
+    for (dev, dt, nt, fmt), sel in agroups.items():
+        where = f"{nt} thread(s)" if dev == "cpu" else "GPU"
+        lines.append(f"- {dev} {dt} {where}, {fmt}: batch norm + SiLU, geometric-mean speedup "
+                     f"of the fused layer vs nn.BatchNorm2d + nn.SiLU f+b {geomean(sel):.2f}x "
                      f"(min {min(sel):.2f}x over {len(sel)} shapes)")
     seeds = [r["speedup_vs_seed"] for r in result["rows"] if r["speedup_vs_seed"] is not None]
     if seeds:
@@ -883,6 +991,9 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "pysbn bench") -> int
     ap.add_argument("--no-numerics", action="store_true")
     ap.add_argument("--no-memory", action="store_true")
     ap.add_argument("--no-chart", action="store_true")
+    ap.add_argument("--no-act-memory", action="store_true",
+                    help="skip the batch norm + activation memory measurement (two fresh "
+                         "processes; not run with --quick)")
     ap.add_argument("--compile", choices=COMPILE_MODES, default=None,
                     help="rows that also time the layers under torch.compile: all (default), "
                          "first (the first memory format of each shape; the --quick default) "
@@ -951,6 +1062,8 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "pysbn bench") -> int
     result = run(shapes, threads, settings, devices=devices, dtypes=dtypes, formats=formats,
                  numerics=not a.no_numerics, memory=not a.no_memory, custom=custom,
                  progress=not a.no_progress, compiled=compiled)
+    if not a.quick and not a.no_act_memory and not a.no_memory:
+        result["act_memory"] = act_memory()
     result["settings"]["elapsed_s"] = time.perf_counter() - t0
     os.makedirs(a.out, exist_ok=True)
     with open(os.path.join(a.out, "bench.json"), "w") as f:

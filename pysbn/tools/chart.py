@@ -79,6 +79,8 @@ def _panels(result: Dict[str, Any]) -> List[Dict[str, Any]]:
     speed = [("eager", _BLUE, _field("speedup_vs_torch"))]
     if compiled:
         speed.append(("both torch.compile'd", _ORANGE, _field("speedup_compiled")))
+    if any(r.get("speedup_act_vs_unfused") is not None for r in rows):
+        speed.append(("BN+SiLU fused vs BN, SiLU", _GREEN, _field("speedup_act_vs_unfused")))
     frac = [("pysbn", _BLUE, _inv(_impl("pysbn", "x_of_limit")))]
     if compiled:
         frac.append(("pysbn compiled", _ORANGE, _inv(_impl("pysbn_compiled", "x_of_limit"))))
