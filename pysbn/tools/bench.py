@@ -966,7 +966,7 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "pysbn bench") -> int
                "progress bar tqdm: pip install \"pysbn[bench]\".")
     ap.add_argument("--quick", action="store_true",
                     help=f"shapes {','.join(QUICK_SHAPES)}, few repetitions, compiled rows on "
-                         "the first format only (one to two minutes)")
+                         "the first format only (under a minute on a 2-core CPU machine)")
     ap.add_argument("--shapes", default=None,
                     help="comma-separated shape ids or NxCx... shapes (default: every protocol "
                          "shape; GPU-only ones on CUDA only)")
