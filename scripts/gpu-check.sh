@@ -5,17 +5,19 @@
 # The whole CUDA path proven in one short run on a GPU machine (NVIDIA H100/H200 with CUDA's
 # nvcc, python, torch with CUDA, cmake, ninja, cython, scikit-build-core, pytest, hypothesis,
 # timm, torchvision; no internet needed):
-#   1. build   pysbn with CUDA for the local GPU only (the wheel, and the native tests), in parallel
+#   1. build   pysbn with CUDA for the local GPU only: the wheel and the native tests, in parallel
 #   2. ctest   the native GPU tests (ctest -L gpu)
-#   3. sanitize compute-sanitizer memcheck and racecheck on a short native subset
-#   4. pytest  the GPU tests: layers, DataParallel on one GPU, process groups over NCCL and Gloo
+#   3. pytest  the GPU tests: layers, DataParallel on one GPU, process groups over NCCL and Gloo
 #              (2 processes on the one GPU), torch.compile and CUDA graphs, the op set's opcheck
 #              on CUDA, fused activations, no host synchronisation; and tests/test_functional.py's
 #              TestCUDA
-#   5. bench   the GPU rows of the benchmark protocol with a short time budget
+#   4. sanitize compute-sanitizer memcheck and racecheck on a short native subset
+#   5. bench   the GPU rows of the benchmark protocol (--quick, eager and compiled)
 # Every log and the bench JSON/Markdown go to OUTDIR (8 files at most, no sub-folders); a
 # one-page summary is printed and written to OUTDIR/summary.txt. Each step has its own time
-# limit so the whole run stays inside 8 minutes.
+# limit, cut to what is left of the run's budget (PYSBN_GPU_BUDGET_S, default 480 s): the
+# whole run stays inside 8 minutes, and a step the budget cannot reach is reported [SKIP]
+# (the run then fails: rerun with the steps left, or a larger budget).
 #
 # Without a GPU (or with --dry) it runs a dry mode that checks its own plumbing: the CMake
 # configuration with the flags it would use, the GPU gtests and pytest items it would run
@@ -61,10 +63,18 @@ say "  $($PY -c 'import torch; print(f"torch {torch.__version__}, CUDA {torch.ve
 say "  nvcc: $(nvcc --version 2>/dev/null | tail -1 || echo 'not found')"
 
 status=0
+BUDGET=${PYSBN_GPU_BUDGET_S:-480}
 step() {  # step NAME LIMIT_S LOG COMMAND...: runs with a time limit, logs, records the outcome
   local name=$1 limit=$2 log=$3
   shift 3
-  local t0 rc
+  local t0 rc left
+  left=$(( START + BUDGET - $(date +%s) - 15 ))  # 15 s kept for the summary
+  if [ "$left" -lt 20 ]; then
+    say "[SKIP] $name: the run's ${BUDGET} s budget is spent"; echo "skipped: budget spent" >"$OUT/$log"
+    status=1
+    return 99
+  fi
+  [ "$limit" -gt "$left" ] && limit=$left
   t0=$(date +%s)
   timeout --kill-after=10 "$limit" bash -c "$*" >"$OUT/$log" 2>&1
   rc=$?
@@ -87,13 +97,19 @@ if [ "$DRY" = 1 ]; then
   grep -q "pysbn: CUDA kernels ON" "$OUT/build.log" && say "       CMake: CUDA kernels ON" ||
     { say "[FAIL] CMake did not enable the CUDA kernels"; status=1; }
 else
-  step "build native tests (CUDA, arch native, -j$JOBS)" 300 build.log \
-    "$CONFIGURE && cmake --build $BUILD_DIR -j $JOBS" || true
-  step "pip install . (CUDA, arch native)" 300 pip.log \
-    "CMAKE_BUILD_PARALLEL_LEVEL=$JOBS PYSBN_WITH_CUDA=ON $PY -m pip install -q --no-build-isolation \
-     --no-deps -Cbuild-dir=build/gpu-wheel -Ccmake.define.CMAKE_CUDA_ARCHITECTURES=native ." || true
-  cat "$OUT/pip.log" >>"$OUT/build.log" && rm -f "$OUT/pip.log"
-  $PY -m pysbn info >>"$OUT/build.log" 2>&1
+  # The native tests and the wheel build at the same time (each is mostly one long nvcc job).
+  HALF=$(( JOBS > 1 ? JOBS / 2 : 1 ))
+  step "build native tests and pip install . (CUDA, arch native, in parallel)" 300 build.log \
+    "( $CONFIGURE && cmake --build $BUILD_DIR -j $HALF ) >$OUT/native.tmp 2>&1 & native=\$!
+     CMAKE_BUILD_PARALLEL_LEVEL=$HALF PYSBN_WITH_CUDA=ON $PY -m pip install -q --no-build-isolation \
+       --no-deps -Cbuild-dir=build/gpu-wheel -Ccmake.define.CMAKE_CUDA_ARCHITECTURES=native . \
+       >$OUT/pip.tmp 2>&1; wheel=\$?
+     wait \$native; nat=\$?
+     echo '== native tests build'; cat $OUT/native.tmp; echo '== pip install .'; cat $OUT/pip.tmp
+     rm -f $OUT/native.tmp $OUT/pip.tmp
+     echo \"native build exit \$nat, pip install exit \$wheel\"; [ \$nat -eq 0 ] && [ \$wheel -eq 0 ]" || true
+  rm -f "$OUT/native.tmp" "$OUT/pip.tmp"
+  (cd /tmp && $PY -m pysbn info) >>"$OUT/build.log" 2>&1
   grep -q "CUDA yes" "$OUT/build.log" && say "       pysbn info: CUDA yes" ||
     { say "[FAIL] the installed pysbn has no CUDA (see build.log)"; status=1; }
 fi
@@ -113,20 +129,7 @@ else
   say "       $(grep -E 'tests passed|tests failed' "$OUT/ctest.log" | tail -1)"
 fi
 
-# ---- 3. compute-sanitizer --------------------------------------------------------------------------
-if [ "$DRY" = 1 ]; then
-  echo "would run: compute-sanitizer --tool {memcheck,racecheck} $BUILD_DIR/tests/native/test_cuda_ops --gtest_filter=$SANITIZE_FILTER" >"$OUT/sanitizer.log"
-  command -v compute-sanitizer >/dev/null 2>&1 && say "       compute-sanitizer: found" ||
-    say "       compute-sanitizer: not on this machine (checked on the GPU run)"
-else
-  SAN=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
-  step "compute-sanitizer memcheck + racecheck (native subset)" 150 sanitizer.log \
-    "for tool in memcheck racecheck; do echo \"== \$tool\"; $SAN --tool \$tool --error-exitcode 3 \
-     $BUILD_DIR/tests/native/test_cuda_ops --gtest_filter='$SANITIZE_FILTER' || exit \$?; done" || true
-  say "       $(grep -cE '^========= (ERROR|Invalid|Race)' "$OUT/sanitizer.log") sanitizer findings"
-fi
-
-# ---- 4. pytest -------------------------------------------------------------------------------------
+# ---- 3. pytest -------------------------------------------------------------------------------------
 if [ "$DRY" = 1 ]; then
   step "collect the GPU pytest items" 120 pytest.log \
     "pytest -q -p no:cacheprovider --collect-only ${PYTEST_ITEMS[*]}" || true
@@ -135,6 +138,19 @@ else
   step "pytest GPU tests (layers, NCCL/Gloo 2 procs, compile, CUDA graphs, opcheck, fused act)" 240 \
     pytest.log "pytest -q -rs -p no:cacheprovider ${PYTEST_ITEMS[*]}" || true
   say "       $(tail -1 "$OUT/pytest.log")"
+fi
+
+# ---- 4. compute-sanitizer --------------------------------------------------------------------------
+if [ "$DRY" = 1 ]; then
+  echo "would run: compute-sanitizer --tool {memcheck,racecheck} $BUILD_DIR/tests/native/test_cuda_ops --gtest_filter=$SANITIZE_FILTER" >"$OUT/sanitizer.log"
+  command -v compute-sanitizer >/dev/null 2>&1 && say "       compute-sanitizer: found" ||
+    say "       compute-sanitizer: not on this machine (checked on the GPU run)"
+else
+  SAN=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
+  step "compute-sanitizer memcheck + racecheck (native subset)" 120 sanitizer.log \
+    "for tool in memcheck racecheck; do echo \"== \$tool\"; $SAN --tool \$tool --error-exitcode 3 \
+     $BUILD_DIR/tests/native/test_cuda_ops --gtest_filter='$SANITIZE_FILTER' || exit \$?; done" || true
+  say "       $(grep -cE '^========= (ERROR|Invalid|Race)' "$OUT/sanitizer.log") sanitizer findings"
 fi
 
 # ---- 5. bench ----------------------------------------------------------------------------------------
@@ -147,11 +163,11 @@ if [ "$DRY" = 1 ]; then
   echo '{"dry": true}' >"$OUT/bench.json"
   echo "(dry mode: no GPU rows)" >"$OUT/bench.md"
 else
-  step "bench GPU rows (--quick)" 150 bench.log \
+  step "bench GPU rows (--quick)" 120 bench.log \
     "cd $BENCH_TMP && $PY -m pysbn bench --devices cuda --quick --out $BENCH_TMP/out" || true
   cp "$BENCH_TMP/out/bench.json" "$OUT/bench.json" 2>/dev/null || echo '{}' >"$OUT/bench.json"
   cp "$BENCH_TMP/out/bench.md" "$OUT/bench.md" 2>/dev/null || echo "(no bench output)" >"$OUT/bench.md"
-  say "       $(grep -iE 'geomean|TB/s' "$OUT/bench.md" | head -3 | tr '\n' ' ')"
+  say "       $(grep -E 'geometric-mean' "$OUT/bench.md" | head -4 | tr '\n' ' ')"
 fi
 rm -rf "$BENCH_TMP"
 
