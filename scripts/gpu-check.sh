@@ -37,6 +37,7 @@ SUMMARY="$OUT/summary.txt"
 : >"$SUMMARY"
 say() { echo "$*" | tee -a "$SUMMARY"; }
 elapsed() { echo $(( $(date +%s) - START )); }
+ran() { ! grep -q '^skipped: budget spent' "$OUT/$1" 2>/dev/null; }  # ran LOG: the step was not skipped
 
 have_gpu() {
   command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 &&
@@ -126,7 +127,7 @@ if [ "$DRY" = 1 ]; then
   fi
 else
   step "ctest -L gpu" 120 ctest.log "ctest --test-dir $BUILD_DIR -L gpu --output-on-failure -j 4" || true
-  say "       $(grep -E 'tests passed|tests failed' "$OUT/ctest.log" | tail -1)"
+  ran ctest.log && say "       $(grep -E 'tests passed|tests failed|No tests' "$OUT/ctest.log" | tail -1)"
 fi
 
 # ---- 3. pytest -------------------------------------------------------------------------------------
@@ -137,7 +138,7 @@ if [ "$DRY" = 1 ]; then
 else
   step "pytest GPU tests (layers, NCCL/Gloo 2 procs, compile, CUDA graphs, opcheck, fused act)" 240 \
     pytest.log "pytest -q -rs -p no:cacheprovider ${PYTEST_ITEMS[*]}" || true
-  say "       $(tail -1 "$OUT/pytest.log")"
+  ran pytest.log && say "       $(tail -1 "$OUT/pytest.log")"
 fi
 
 # ---- 4. compute-sanitizer --------------------------------------------------------------------------
@@ -150,7 +151,7 @@ else
   step "compute-sanitizer memcheck + racecheck (native subset)" 120 sanitizer.log \
     "for tool in memcheck racecheck; do echo \"== \$tool\"; $SAN --tool \$tool --error-exitcode 3 \
      $BUILD_DIR/tests/native/test_cuda_ops --gtest_filter='$SANITIZE_FILTER' || exit \$?; done" || true
-  say "       $(grep -cE '^========= (ERROR|Invalid|Race)' "$OUT/sanitizer.log") sanitizer findings"
+  ran sanitizer.log && say "       $(grep -cE '^========= (ERROR|Invalid|Race)' "$OUT/sanitizer.log") sanitizer findings"
 fi
 
 # ---- 5. bench ----------------------------------------------------------------------------------------
@@ -167,7 +168,7 @@ else
     "cd $BENCH_TMP && $PY -m pysbn bench --devices cuda --quick --out $BENCH_TMP/out" || true
   cp "$BENCH_TMP/out/bench.json" "$OUT/bench.json" 2>/dev/null || echo '{}' >"$OUT/bench.json"
   cp "$BENCH_TMP/out/bench.md" "$OUT/bench.md" 2>/dev/null || echo "(no bench output)" >"$OUT/bench.md"
-  say "       $(grep -E 'geometric-mean' "$OUT/bench.md" | head -4 | tr '\n' ' ')"
+  ran bench.log && say "       $(grep -E 'geometric-mean' "$OUT/bench.md" | head -4 | tr '\n' ' ')"
 fi
 rm -rf "$BENCH_TMP"
 
