@@ -775,6 +775,61 @@ def case_zoo_ddp_w2() -> None:
                         [5, 2], steps=2, size=32, classes=3)
 
 
+_ACTS = {"relu": lambda: nn.ReLU(), "leaky_relu": lambda: nn.LeakyReLU(0.2),
+         "silu": lambda: nn.SiLU(), "gelu": lambda: nn.GELU(),
+         "gelu_tanh": lambda: nn.GELU(approximate="tanh"), "hardswish": lambda: nn.Hardswish(),
+         "identity": lambda: nn.Identity(), "tanh": lambda: nn.Tanh()}
+
+
+def case_act_w2() -> None:
+    """SynchronizedBatchNormAct2d on uneven shares [5, 2], every activation (tanh: not fused),
+    both memory formats, float64, two steps: outputs, input gradients, weight/bias gradients
+    summed over the ranks, running statistics and one collective per direction, against
+    nn.BatchNorm2d + the activation on the whole batch."""
+    shares = [5, 2]
+    offs = _offsets(shares)
+    lo, hi, n = offs[RANK], offs[RANK + 1], offs[-1]
+    for name, make_act in _ACTS.items():
+        for fmt in ("contiguous", "channels_last"):
+            ck = Checks(f"act {name} {fmt} (rank {RANK}, shares {shares})")
+            gen = torch.Generator().manual_seed(len(name))
+            ref = nn.Sequential(nn.BatchNorm2d(4, dtype=torch.float64), make_act())
+            with torch.no_grad():
+                ref[0].weight.copy_(torch.rand(4, generator=gen, dtype=torch.float64) + 0.5)
+                ref[0].bias.copy_(torch.randn(4, generator=gen, dtype=torch.float64))
+            layer = pysbn.SynchronizedBatchNormAct2d(4, act_layer=nn.ReLU, dtype=torch.float64,
+                                                     device=DEVICE)
+            layer.act = make_act()
+            layer.load_state_dict(ref[0].state_dict())
+            for step in range(2):
+                xg = torch.randn((n, 4, 5, 3), generator=gen, dtype=torch.float64) * 1.5 + 0.2
+                dyg = torch.randn((n, 4, 5, 3), generator=gen, dtype=torch.float64)
+                x = _fmt(xg[lo:hi].to(DEVICE, copy=True), fmt).requires_grad_()
+                layer.zero_grad(set_to_none=True)
+                g0, r0 = snapshot()
+                y = layer(x)
+                g1, r1 = snapshot()
+                y.backward(_fmt(dyg[lo:hi].to(DEVICE, copy=True), fmt))
+                g2, r2 = snapshot()
+                ck.true((g1 - g0, r1 - r0, g2 - g1, r2 - r1) == (1, 0, 0, 1),
+                        f"step {step}: collectives {(g1 - g0, r1 - r0, g2 - g1, r2 - r1)}")
+                gw, gb = _sum_over(layer.weight.grad, None), _sum_over(layer.bias.grad, None)
+                xr = xg.clone().requires_grad_()
+                ref.zero_grad(set_to_none=True)
+                yr = ref(xr)
+                yr.backward(dyg)
+                ck.true(_is_fmt(y, fmt), f"step {step}: output is not {fmt}")
+                ck.close(f"step {step} output", y, yr[lo:hi], 1e-11)
+                ck.close(f"step {step} grad input", x.grad, xr.grad[lo:hi], 1e-10)
+                ck.close(f"step {step} grad weight (summed)", gw, ref[0].weight.grad, 1e-10)
+                ck.close(f"step {step} grad bias (summed)", gb, ref[0].bias.grad, 1e-10)
+                ck.close(f"step {step} running_mean", layer.running_mean, ref[0].running_mean,
+                         1e-12)
+                ck.close(f"step {step} running_var", layer.running_var, ref[0].running_var,
+                         1e-12)
+            ck.done()
+
+
 class _Checkpointed(nn.Module):
     """The resnet-like net with its first two stages under non-reentrant checkpointing."""
 

@@ -16,7 +16,8 @@ layers when the ranks are at different calls or layers (eager and compiled, forw
 backward; different channel counts in check mode and under TORCH_DISTRIBUTED_DEBUG=DETAIL; a
 rank that stops calling a layer), a small ResNet-like net under DistributedDataParallel against
 the plain-BN net trained on the whole batch in one process (also with non-reentrant activation
-checkpointing, and timm/torchvision models), and compiled training steps (fullgraph,
+checkpointing, and timm/torchvision models), SynchronizedBatchNormAct2d with every activation
+on uneven shares, and compiled training steps (fullgraph,
 compile(DDP), DDP(compile)) with their collectives counted in the graphs.
 """
 
@@ -35,7 +36,7 @@ JOIN_TIMEOUT_S = 240  # the whole group; then every rank is killed
 # group name: (world size, cases, extra environment, process-group timeout in s or None)
 SUITES = {
     "2procs": (2, ["layers_w2", "offset_w2", "too_few_w2", "mismatch_w2", "ddp_w2",
-                   "identity_w2", "check_mode_w2", "checkpoint_w2", "zoo_ddp_w2",
+                   "identity_w2", "check_mode_w2", "checkpoint_w2", "zoo_ddp_w2", "act_w2",
                    "compile_w2", "compile_ddp_w2", "compile_mismatch_w2"], {}, None),
     "2procs-detail": (2, ["sizes_detail_w2"], {"TORCH_DISTRIBUTED_DEBUG": "DETAIL"}, None),
     "2procs-timeout": (2, ["stops_calling_w2"], {}, 5),
