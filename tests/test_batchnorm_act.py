@@ -247,3 +247,17 @@ def test_fused_layer_under_torch_compile():
         eager.zero_grad(set_to_none=True)
         comp.zero_grad(set_to_none=True)
     assert int(comp.num_batches_tracked) == 2
+
+
+def test_eval_layer_exports_as_standard_ops():
+    """Eval mode is torch's batch norm then the act module: torch.export gives a graph of
+    standard ops (no pysbn op), which computes what the layer does."""
+    torch.manual_seed(5)
+    layer, _ = _pair(lambda: nn.Hardswish(), c=3)
+    layer.eval()
+    x = torch.randn(2, 3, 4, 4, dtype=F64)
+    ep = torch.export.export(layer, (x,))
+    targets = {str(n.target) for n in ep.graph.nodes if n.op == "call_function"}
+    assert not any("pysbn" in t for t in targets), targets
+    assert any("batch_norm" in t for t in targets) and any("hardswish" in t for t in targets)
+    close(ep.module()(x), layer(x), 1e-14, "exported eval output")
