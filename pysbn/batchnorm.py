@@ -469,13 +469,20 @@ def _act_from_name(name: str) -> type:
     try:
         from timm.layers import get_act_layer
     except Exception:  # timm absent (or not importable): the table above
-        if key == "gelu_tanh":
-            return lambda inplace=False: nn.GELU(approximate="tanh")  # type: ignore[return-value]
-        if key not in table:
-            raise ValueError(f"SynchronizedBatchNormAct2d: unknown act_layer {name!r}; give a "
-                             f"class (e.g. nn.SiLU) or one of {sorted(table) + ['gelu_tanh']}")
-        return table[key]
-    return get_act_layer(name)
+        get_act_layer = None
+    if get_act_layer is not None:
+        try:
+            return get_act_layer(name)
+        except (KeyError, ValueError) as exc:  # timm's lookup raises KeyError
+            raise ValueError(f"SynchronizedBatchNormAct2d: unknown act_layer {name!r} (not a "
+                             "timm activation name); give a class (e.g. nn.SiLU) or a name "
+                             "timm knows") from exc
+    if key == "gelu_tanh":
+        return lambda inplace=False: nn.GELU(approximate="tanh")  # type: ignore[return-value]
+    if key not in table:
+        raise ValueError(f"SynchronizedBatchNormAct2d: unknown act_layer {name!r}; give a "
+                         f"class (e.g. nn.SiLU) or one of {sorted(table) + ['gelu_tanh']}")
+    return table[key]
 
 
 def _create_act(act_layer, act_kwargs, inplace, apply_act) -> nn.Module:

@@ -6,6 +6,8 @@ four dtypes, DataParallel replicas with uneven shares, torch.compile, and what t
 for the backward. The 2-process case (uneven shares, every activation) is ``act_w2`` in
 test_distributed.py."""
 
+import sys
+
 import pytest
 import torch
 from torch import nn
@@ -189,7 +191,7 @@ def test_fused_layer_keeps_only_its_input_for_the_backward():
     assert got_u >= 2 * one
 
 
-def test_constructor_as_timm():
+def test_constructor_as_timm(monkeypatch):
     """timm's BatchNormAct2d arguments: act_layer by name or class, act_kwargs, apply_act,
     inplace, drop_layer (applied between norm and act; not fused, still correct); a clear error
     for an unknown activation name."""
@@ -204,7 +206,15 @@ def test_constructor_as_timm():
     assert leaky.act.negative_slope == 0.3
     assert list(leaky.state_dict()) == list(nn.BatchNorm2d(4).state_dict())
     with pytest.raises(ValueError, match="act_layer 'no_such_act'"):
-        pysbn.SynchronizedBatchNormAct2d(4, act_layer="no_such_act")
+        pysbn.SynchronizedBatchNormAct2d(4, act_layer="no_such_act")  # timm's names, or...
+    with monkeypatch.context() as m:  # ...pysbn's own table when timm cannot be imported
+        m.setitem(sys.modules, "timm", None)
+        m.setitem(sys.modules, "timm.layers", None)
+        assert type(pysbn.SynchronizedBatchNormAct2d(4, act_layer="hard_swish").act) is nn.Hardswish
+        gelu = pysbn.SynchronizedBatchNormAct2d(4, act_layer="gelu_tanh").act
+        assert type(gelu) is nn.GELU and gelu.approximate == "tanh"
+        with pytest.raises(ValueError, match="act_layer 'no_such_act'"):
+            pysbn.SynchronizedBatchNormAct2d(4, act_layer="no_such_act")
 
     class Drop(nn.Module):  # a deterministic stand-in for a drop layer
         def forward(self, x):

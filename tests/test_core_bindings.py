@@ -90,16 +90,22 @@ def test_acc_dtype_and_dtype_size(code):
     assert TORCH_DTYPES[_core.acc_dtype(code)] == expected_acc
 
 
-def test_stub_matches_the_module():
+def test_stub_matches_the_module(tmp_path):
     """mypy's stubtest: the hand-written _core.pyi states every binding of the module with the
-    same arguments (and nothing the module lacks)."""
+    same arguments (and nothing the module lacks). Stubtest builds the whole package; the mypy
+    configuration keeps the type errors of the other modules (torch's stubs, dynamic module
+    attributes) out of this check, which is about the stub."""
     stubtest = pytest.importorskip("mypy.stubtest")
     import contextlib
     import io
 
+    config = tmp_path / "mypy.ini"
+    config.write_text("[mypy]\n\n[mypy-pysbn.*]\nignore_errors = True\n\n"
+                      "[mypy-pysbn._core]\nignore_errors = False\n")
     out = io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
-        code = stubtest.test_stubs(stubtest.parse_options(["pysbn._core", "--ignore-missing-stub"]))
+        code = stubtest.test_stubs(stubtest.parse_options(
+            ["pysbn._core", "--ignore-missing-stub", "--mypy-config-file", str(config)]))
     assert code == 0, out.getvalue()
 
 

@@ -635,6 +635,7 @@ def act_memory(blocks: int = 6, shape: Sequence[int] = (16, 32, 56, 56)) -> Dict
     default, dynamic threshold, activations freed by the warm-up are reused from the heap and
     the growth understates it)."""
     import subprocess
+    import tempfile
 
     out: Dict[str, Any] = {"blocks": blocks, "shape": list(shape), "dtype": "float32",
                            "malloc": "glibc, MALLOC_MMAP_THRESHOLD_=131072"}
@@ -644,7 +645,10 @@ def act_memory(blocks: int = 6, shape: Sequence[int] = (16, 32, 56, 56)) -> Dict
         proc = subprocess.run([sys.executable, "-c", _ACT_MEMORY_CHILD, variant, str(blocks),
                                json.dumps(list(shape))], capture_output=True, text=True,
                               timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1",
-                                                    MALLOC_MMAP_THRESHOLD_="131072"))
+                                                    MALLOC_MMAP_THRESHOLD_="131072"),
+                              # not the working directory: from a source checkout's root,
+                              # `import pysbn` would find the unbuilt source folder
+                              cwd=tempfile.gettempdir())
         if proc.returncode != 0:
             raise RuntimeError(f"act_memory {variant}: {proc.stderr.strip()[-500:]}")
         out[variant] = dict(json.loads(proc.stdout.strip().splitlines()[-1]), label=label)
