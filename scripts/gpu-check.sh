@@ -157,7 +157,7 @@ fi
 # ---- 5. bench ----------------------------------------------------------------------------------------
 BENCH_TMP=$(mktemp -d)
 if [ "$DRY" = 1 ]; then
-  step "bench options" 60 bench.log "$PY -m pysbn bench --help" || true
+  step "bench options" 60 bench.log "cd $BENCH_TMP && $PY -m pysbn bench --help" || true  # not from the source root
   for opt in --devices --quick --out; do
     grep -q -- "$opt" "$OUT/bench.log" || { say "[FAIL] bench has no $opt option"; status=1; }
   done
