@@ -135,6 +135,7 @@ __device__ __forceinline__ void chan_merge(Triple& x, const Triple& y)
   if (y.n <= 0) { return; }
   if (x.n <= 0) {
     x = y;
+    if (!isfinite(y.a)) { x.b = CUDART_NAN; }  // as below: no spread around a non-finite mean
     return;
   }
   const double n = x.n + y.n;
@@ -413,8 +414,9 @@ template <typename Acc> struct MomentsOp {
     const Acc n = st.n + kb;
     const Acc r = kb / n;
     const Acc d = mb - st.mean;
-    if (!isfinite(d)) {  // the state's mean is +-inf or NaN
+    if (!isfinite(d)) {  // the state's mean is +-inf or NaN (or d overflowed the float range)
       st.mean = (st.n * st.mean + kb * mb) / n;
+      st.m2 = static_cast<Acc>(CUDART_NAN);
       st.n = n;
       return;
     }
@@ -486,7 +488,7 @@ template <typename Acc, class F> struct GradOp {
           s1 += dy[i] * ((x[i] - k.mean.hi) - k.mean.lo);
         } else {
           const Acc xm = (x[i] - k.mean.hi) - k.mean.lo;
-          const Acc g = k.act.grad(xm * k.scale + k.shift, dy[i]);
+          const Acc g = k.act.grad(m_fma(xm, k.scale, k.shift), dy[i]);  // z as NormalizeOp's
           s0 += g;
           s1 += g * xm;
         }
@@ -539,7 +541,9 @@ template <typename Acc, class F> struct NormalizeOp {
   }
   static __device__ __forceinline__ Acc apply(const Coef& k, Acc x, Acc)
   {
-    return k.act.fwd(((x - k.mean.hi) - k.mean.lo) * k.scale + k.shift);
+    // z with an explicit fma, as the backward ops form it: the same z bit for bit (an activation's
+    // mask at a threshold must not depend on how the compiler contracts each site).
+    return k.act.fwd(m_fma((x - k.mean.hi) - k.mean.lo, k.scale, k.shift));
   }
 };
 
@@ -603,7 +607,7 @@ template <typename Acc, class F> struct BackwardElemtOp {
       return (dy - k.mean_dy - ((x - k.mean.hi) - k.mean.lo) * k.k_xmu) * k.scale;
     } else {
       const Acc xm = (x - k.mean.hi) - k.mean.lo;
-      const Acc g = k.act.grad(xm * k.scale + k.shift, dy);
+      const Acc g = k.act.grad(m_fma(xm, k.scale, k.shift), dy);  // z as NormalizeOp's
       return (g - k.mean_dy - xm * k.k_xmu) * k.scale;
     }
   }
@@ -906,7 +910,9 @@ __global__ void finalize_kernel(int64_t n_ch, const double* record, double eps, 
   }
   for (int64_t c = start; c < n_ch; c += step) {
     const double var = has ? record[1 + n_ch + c] / n : 0.0;
-    const double denom = mode == EpsMode::Clamp ? fmax(var, eps) : var + eps;
+    // (var < eps ? eps : var), not fmax: a NaN variance (a channel holding inf or NaN) stays NaN,
+    // as on the CPU (std::max) and in torch's clamp; fmax would return eps.
+    const double denom = mode == EpsMode::Clamp ? (var < eps ? eps : var) : var + eps;
     stats[1 + 2 * n_ch + c] = 1.0 / sqrt(denom);
   }
 }

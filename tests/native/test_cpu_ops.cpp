@@ -1968,6 +1968,26 @@ TEST(MomentsNonFinite, MergeOfNonFiniteRecordsIsThePlainSum)
   }
 }
 
+/// finalize keeps a NaN variance (a channel holding inf or NaN) NaN in both eps modes; a lone
+/// record with a non-finite mean merges to NaN spread.
+TEST(MomentsNonFinite, FinalizeAndLoneRecordKeepNaN)
+{
+  const double inf = std::numeric_limits<double>::infinity();
+  for (EpsMode mode : {EpsMode::Plus, EpsMode::Clamp}) {
+    const std::vector<double> rec = {4.0, inf, 1.5, std::nan(""), 2.0};
+    std::vector<double> st = nans(7);
+    pysbn::finalize(2, rec.data(), 1e-3, mode, st.data(), RunningStats{}, cpu_exec(1));
+    EXPECT_TRUE(std::isnan(st[5])) << st[5];
+    EXPECT_DOUBLE_EQ(st[6], 1.0 / std::sqrt((mode == EpsMode::Plus ? 0.5 + 1e-3 : 0.5)));
+  }
+  const std::vector<double> one = {4.0, inf, 1.5, 0.5, 2.0};
+  std::vector<double> out = nans(5);
+  pysbn::merge_moments(1, 2, one.data(), out.data(), cpu_exec(1));
+  EXPECT_EQ(out[1], inf);
+  EXPECT_TRUE(std::isnan(out[3])) << out[3];
+  EXPECT_DOUBLE_EQ(out[4], 2.0);
+}
+
 // ---- finalize -----------------------------------------------------------------------------------
 
 struct FinalizeCase {

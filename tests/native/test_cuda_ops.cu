@@ -505,6 +505,46 @@ TEST_F(CudaOps, MergeMomentsOfNonFiniteRecordsIsThePlainSum)
   }
 }
 
+/// A lone record with a non-finite mean (k = 1, or beside count-0 records) keeps NaN as its
+/// spread, as the CPU merge gives; and finalize keeps a NaN variance NaN in both eps modes
+/// (Clamp as max(var, eps) with NaN propagating, as the CPU and torch's clamp do).
+TEST_F(CudaOps, NonFiniteRecordsMergeAndFinalizeAsOnTheCpu)
+{
+  const double inf = std::numeric_limits<double>::infinity();
+  const std::vector<double> in = {0.0, 5.0, 7.0, 1.0, 1.0, /**/ 4.0, inf, 1.5, 0.5, 2.0};
+  for (int64_t k : {int64_t{1}, int64_t{2}}) {
+    SCOPED_TRACE("k=" + std::to_string(k));
+    const double* first = in.data() + (k == 1 ? 5 : 0);
+    std::vector<double> cpu(5);
+    pysbn::merge_moments(k, 2, first, cpu.data(), on_cpu(1));
+    Dev din(f64(std::vector<double>(first, first + 5 * k)));
+    Dev dout = Dev::filled(5 * sizeof(double), 0xff);
+    pysbn::merge_moments(k, 2, din.as<double>(), dout.as<double>(), exec());
+    sync();
+    const auto got = decode(dout.download(), DType::Float64);
+    EXPECT_EQ(got[0], 4.0);
+    EXPECT_EQ(got[1], inf);
+    EXPECT_TRUE(std::isnan(got[3])) << "m2 " << got[3];
+    EXPECT_TRUE(std::isnan(cpu[3])) << "CPU m2 " << cpu[3];
+    EXPECT_EQ(got[2], cpu[2]);
+    EXPECT_EQ(got[4], cpu[4]);
+  }
+  for (EpsMode mode : {EpsMode::Plus, EpsMode::Clamp}) {
+    SCOPED_TRACE(mode == EpsMode::Plus ? "Plus" : "Clamp");
+    const std::vector<double> rec = {4.0, inf, 1.5, std::nan(""), 2.0};
+    std::vector<double> cpu(7);
+    pysbn::finalize(2, rec.data(), 1e-3, mode, cpu.data(), RunningStats{}, on_cpu(1));
+    Dev drec(f64(rec));
+    Dev dst = Dev::filled(7 * sizeof(double), 0xff);
+    pysbn::finalize(2, drec.as<double>(), 1e-3, mode, dst.as<double>(), RunningStats{}, exec());
+    sync();
+    const auto got = decode(dst.download(), DType::Float64);
+    EXPECT_TRUE(std::isnan(got[5])) << "invstd of the NaN-variance channel " << got[5];
+    EXPECT_TRUE(std::isnan(cpu[5])) << "CPU invstd " << cpu[5];
+    EXPECT_NEAR(got[6], cpu[6], 1e-15 * cpu[6]);
+  }
+}
+
 // ---- sum_ft ----------------------------------------------------------------------------------
 
 TEST_F(CudaOps, SumMatchesFloat64Reference)
