@@ -205,7 +205,8 @@ void backward_reduce(const TensorView& x, const void* dy, const double* stats, c
 /// * weight, g = act'(z) * dy, with the global grad-sums record `sums` and the global count of
 /// `stats`. Eps mode Clamp drops the variance term of channels whose variance is below eps
 /// (their invstd does not depend on it). A global count of 0 means there are no values anywhere:
-/// nothing to write when x has none; dx = 0 otherwise (an inconsistent call).
+/// nothing to write when x has none; otherwise (an inconsistent call) dx = 0 where x and dy are
+/// finite (NaN where they are not: the coefficients are zeroed, not the result).
 void backward_elemt(const TensorView& x, const void* dy, const double* stats, double eps, EpsMode mode,
                     const Affine& affine, const Act& act, const double* sums, void* dx, const Exec& exec);
 
